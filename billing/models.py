@@ -1,0 +1,1 @@
+"""Enterprises, price cards, invoices and settlements (issues to come)."""
