@@ -27,20 +27,21 @@ class DomainError(Exception):
         self.extra = extra or {}
 
 
-def _flatten(detail: Any, path: str = "") -> list[dict[str, str]]:
+def _flatten(detail: Any, path: str = "$") -> list[dict[str, str]]:
+    """Return DRF error details as a flat list of {"path": "$.a[0].b", "message"}."""
     if isinstance(detail, dict):
         out: list[dict[str, str]] = []
         for key, value in detail.items():
-            out.extend(_flatten(value, f"{path}.{key}" if path else str(key)))
+            out.extend(_flatten(value, path if key == "non_field_errors" else f"{path}.{key}"))
         return out
     if isinstance(detail, list):
         if all(not isinstance(item, dict | list) for item in detail):
-            return [{"path": path or "$", "message": str(item)} for item in detail]
+            return [{"path": path, "message": str(item)} for item in detail]
         out = []
         for index, value in enumerate(detail):
             out.extend(_flatten(value, f"{path}[{index}]"))
         return out
-    return [{"path": path or "$", "message": str(detail)}]
+    return [{"path": path, "message": str(detail)}]
 
 
 def error_body(code: str, message: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
