@@ -1,0 +1,208 @@
+"""Reads of the books: balances now and at any past instant, trial balance, history, journal.
+
+Point-in-time balance without scanning history. The posting trigger stores on each
+posting `recorded_at` (strictly increasing per account and asset) and `balance_after`
+(the running balance in that order). Effective time never exceeds recorded time, so
+
+    balance(T) = balance_after of the last posting recorded at or before T
+               + postings recorded after T but effective at or before T.
+
+The second term is small: either recorded within BACKDATED_LAG after T (a second of
+traffic), or back-dated by more than that, which the partial index
+`ledger_posting_backdated_idx` finds directly. Each term is an index probe, so the
+cost does not grow with the account's history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.db import connection
+
+from ledger.models import DEBIT_NORMAL_KINDS, Balance, Posting
+
+BACKDATED_LAG = timedelta(seconds=1)  # must match the index predicate in 0002_rules
+HISTORY_ROWS_MAX = 10_000
+JOURNAL_CHUNK_ROWS = 5_000
+
+
+def balance_get(*, account_id: int, asset_id: int) -> int:
+    """Return the current balance (debits minus credits) in smallest units; O(1)."""
+    amount = (
+        Balance.objects.filter(account_id=account_id, asset_id=asset_id)
+        .values_list("amount", flat=True)
+        .first()
+    )
+    return amount or 0
+
+
+_BALANCE_AS_OF = """
+SELECT coalesce((SELECT balance_after FROM ledger_posting
+                  WHERE account_id = %(account)s AND asset_id = %(asset)s
+                    AND recorded_at <= %(at)s
+                  ORDER BY recorded_at DESC LIMIT 1), 0)
+     + coalesce((SELECT sum(amount) FROM ledger_posting
+                  WHERE account_id = %(account)s AND asset_id = %(asset)s
+                    AND recorded_at > %(at)s AND recorded_at <= %(at)s + %(lag)s
+                    AND effective_at <= %(at)s), 0)
+     + coalesce((SELECT sum(amount) FROM ledger_posting
+                  WHERE account_id = %(account)s AND asset_id = %(asset)s
+                    AND recorded_at > %(at)s + %(lag)s AND effective_at <= %(at)s
+                    AND recorded_at - effective_at > interval '1 second'), 0)
+"""
+
+
+def balance_as_of(*, account_id: int, asset_id: int, at: datetime) -> int:
+    """Return the balance of postings effective at or before `at`; cost independent of history."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _BALANCE_AS_OF, {"account": account_id, "asset": asset_id, "at": at,
+                             "lag": BACKDATED_LAG},
+        )
+        row = cursor.fetchone()
+    return int(row[0])
+
+
+@dataclass(frozen=True, slots=True)
+class TrialBalanceRow:
+    asset: str
+    scale: int
+    account: str
+    kind: str
+    balance: int  # debits minus credits
+
+    @property
+    def debit(self) -> int:
+        return self.balance if self.balance > 0 else 0
+
+    @property
+    def credit(self) -> int:
+        return -self.balance if self.balance < 0 else 0
+
+
+def trial_balance(*, at: datetime | None = None) -> list[TrialBalanceRow]:
+    """Return every non-zero (account, asset) balance, now or as of `at`, by asset then account.
+
+    Per asset, debits equal credits: the rows of one asset sum to zero.
+    """
+    if at is None:
+        sql = """
+            SELECT s.code, s.scale, a.code, a.kind, b.amount
+              FROM ledger_balance b
+              JOIN ledger_account a ON a.id = b.account_id
+              JOIN ledger_asset s ON s.id = b.asset_id
+             WHERE b.amount <> 0
+             ORDER BY s.code, a.code"""
+        params: dict[str, object] = {}
+    else:
+        sql = f"""
+            SELECT s.code, s.scale, a.code, a.kind, x.amount
+              FROM ledger_balance b
+              JOIN ledger_account a ON a.id = b.account_id
+              JOIN ledger_asset s ON s.id = b.asset_id
+              CROSS JOIN LATERAL ({_BALANCE_AS_OF.replace('%(account)s', 'b.account_id')
+                                   .replace('%(asset)s', 'b.asset_id')} AS amount) x
+             WHERE x.amount <> 0
+             ORDER BY s.code, a.code"""
+        params = {"at": at, "lag": BACKDATED_LAG}
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return [
+            TrialBalanceRow(asset=asset, scale=scale, account=account, kind=kind,
+                            balance=int(amount))
+            for asset, scale, account, kind, amount in cursor.fetchall()
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    posting_id: int
+    transaction_id: int
+    idempotency_key: str
+    effective_at: datetime
+    description: str
+    amount: int
+    running_balance: int
+
+
+@dataclass(frozen=True, slots=True)
+class AccountHistory:
+    opening_balance: int
+    rows: list[HistoryRow]
+    truncated: bool
+
+
+def account_history(
+    *, account_id: int, asset_id: int, since: datetime, until: datetime,
+    limit: int = HISTORY_ROWS_MAX,
+) -> AccountHistory:
+    """Return postings effective in [since, until) with the running balance after each."""
+    limit = min(limit, HISTORY_ROWS_MAX)
+    opening = balance_as_of(
+        account_id=account_id, asset_id=asset_id, at=since - timedelta(microseconds=1)
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT p.id, p.transaction_id, t.idempotency_key, p.effective_at, t.description,
+                   p.amount,
+                   %(opening)s + sum(p.amount) OVER (ORDER BY p.effective_at, p.id)
+              FROM ledger_posting p JOIN ledger_transaction t ON t.id = p.transaction_id
+             WHERE p.account_id = %(account)s AND p.asset_id = %(asset)s
+               AND p.effective_at >= %(since)s AND p.effective_at < %(until)s
+             ORDER BY p.effective_at, p.id
+             LIMIT %(limit)s
+            """,
+            {"opening": opening, "account": account_id, "asset": asset_id, "since": since,
+             "until": until, "limit": limit + 1},
+        )
+        fetched = cursor.fetchall()
+    rows = [
+        HistoryRow(posting_id=r[0], transaction_id=r[1], idempotency_key=r[2], effective_at=r[3],
+                   description=r[4], amount=int(r[5]), running_balance=int(r[6]))
+        for r in fetched[:limit]
+    ]
+    return AccountHistory(opening_balance=opening, rows=rows, truncated=len(fetched) > limit)
+
+
+JOURNAL_COLUMNS = (
+    "transaction_id", "idempotency_key", "effective_at", "account", "asset", "amount",
+    "amount_decimal", "description",
+)
+
+
+def journal_rows(
+    *, since: datetime | None = None, until: datetime | None = None
+) -> Iterator[tuple[object, ...]]:
+    """Yield one row per posting, in (effective time, transaction, posting) order.
+
+    Streams through a server-side cursor in chunks, so a year of postings exports in
+    constant memory.
+    """
+    postings = Posting.objects.all()
+    if since is not None:
+        postings = postings.filter(effective_at__gte=since)
+    if until is not None:
+        postings = postings.filter(effective_at__lt=until)
+    rows = postings.order_by("effective_at", "transaction_id", "id").values_list(
+        "transaction_id", "transaction__idempotency_key", "effective_at", "account__code",
+        "asset__code", "amount", "asset__scale", "transaction__description",
+    )
+    for tx_id, key, effective_at, account, asset, amount, scale, description in rows.iterator(
+        chunk_size=JOURNAL_CHUNK_ROWS
+    ):
+        yield (tx_id, key, effective_at.isoformat(), account, asset, amount,
+               format_amount(amount, scale), description)
+
+
+def format_amount(amount: int, scale: int) -> str:
+    """Return `amount` smallest units as an exact decimal string, e.g. 1234, 2 -> '12.34'."""
+    return f"{Decimal(amount).scaleb(-scale):f}" if scale else str(amount)
+
+
+def normal_balance(*, kind: str, balance: int) -> int:
+    """Return the balance signed the way the account kind is read (credits for liabilities)."""
+    return balance if kind in DEBIT_NORMAL_KINDS else -balance
