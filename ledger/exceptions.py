@@ -65,6 +65,14 @@ class IdempotencyConflict(LedgerError):
     status = 409
 
 
+class ConcurrentPosting(LedgerError):
+    """Another poster held the same key and rolled back: posting again can succeed."""
+
+    code = "concurrent_posting"
+    status = 409
+    retryable = True
+
+
 class UnknownAccount(LedgerError):
     code = "unknown_account"
     status = 422

@@ -26,9 +26,11 @@ from django.utils import timezone
 
 from ledger.exceptions import (
     AlreadyReversed,
+    ConcurrentPosting,
     IdempotencyConflict,
     InvalidTransaction,
     LedgerError,
+    PeriodClosed,
     UnbalancedTransaction,
     UnknownAccount,
     UnknownAsset,
@@ -214,61 +216,79 @@ def transactions_post(*, entries: Sequence[Entry]) -> list[Posted]:
         raise InvalidTransaction(f"idempotency keys repeated within one batch: {duplicates[:5]}")
     for entry in entries:
         _validate(entry)
-    hashes = [_content_hash(entry) for entry in entries]
+    hashes = {e.idempotency_key: _content_hash(e) for e in entries}
+    try:
+        posted = _post(entries, hashes)
+    except PeriodClosed:
+        # The database stamps a row (BEFORE INSERT) before ON CONFLICT sees the key, so
+        # a replay of an entry posted before its period closed is refused there. Answer
+        # replays from what is stored and post only the rest.
+        with connection.cursor() as cursor:
+            posted = _existing_transactions(cursor, hashes, require_all=False)
+        if not posted:
+            raise
+        remaining = [e for e in entries if e.idempotency_key not in posted]
+        if remaining:
+            posted.update(_post(remaining, hashes))
+    return [posted[e.idempotency_key] for e in entries]
+
+
+def _post(entries: Sequence[Entry], hashes: Mapping[str, str]) -> dict[str, Posted]:
     with _database_rules(), transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(
             _INSERT_TRANSACTIONS,
             [
                 [e.idempotency_key for e in entries],
-                hashes,
+                [hashes[e.idempotency_key] for e in entries],
                 [e.description for e in entries],
                 [e.effective_at for e in entries],
                 [json.dumps(e.metadata, default=str) for e in entries],
                 [e.reverses_id for e in entries],
             ],
         )
-        created_ids: dict[str, int] = {key: tx_id for tx_id, key in cursor.fetchall()}
-        existing_ids = _existing_transactions(cursor, entries, hashes, created_ids)
-        new_entries = [e for e in entries if e.idempotency_key in created_ids]
+        created = {
+            key: Posted(transaction_id=tx_id, idempotency_key=key, created=True)
+            for tx_id, key in cursor.fetchall()
+        }
+        replayed = {e.idempotency_key: hashes[e.idempotency_key] for e in entries
+                    if e.idempotency_key not in created}
+        existing = _existing_transactions(cursor, replayed, require_all=True)
+        new_entries = [e for e in entries if e.idempotency_key in created]
         if new_entries:
-            _insert_postings(cursor, new_entries, created_ids)
-    return [
-        Posted(
-            transaction_id=created_ids.get(e.idempotency_key) or existing_ids[e.idempotency_key],
-            idempotency_key=e.idempotency_key,
-            created=e.idempotency_key in created_ids,
-        )
-        for e in entries
-    ]
+            _insert_postings(cursor, new_entries, created)
+    return {**created, **existing}
 
 
 def _existing_transactions(
-    cursor: Any, entries: Sequence[Entry], hashes: Sequence[str], created: Mapping[str, int]
-) -> dict[str, int]:
-    """Return {key: id} for replayed keys, after checking each replay says the same."""
-    replayed = {e.idempotency_key: h for e, h in zip(entries, hashes, strict=True)
-                if e.idempotency_key not in created}
-    if not replayed:
+    cursor: Any, hashes: Mapping[str, str], *, require_all: bool
+) -> dict[str, Posted]:
+    """Return the stored transactions for these keys, checking each says the same."""
+    if not hashes:
         return {}
     cursor.execute(
         "SELECT idempotency_key, id, content_hash FROM ledger_transaction "
         "WHERE idempotency_key = ANY(%s)",
-        [list(replayed)],
+        [list(hashes)],
     )
     found = {key: (tx_id, digest) for key, tx_id, digest in cursor.fetchall()}
-    for key, digest in replayed.items():
-        if key not in found:  # a concurrent poster holds the key and rolled back
-            raise IdempotencyConflict(f"transaction {key} is being posted concurrently; retry")
+    for key, digest in hashes.items():
+        if key not in found:
+            if require_all:  # a concurrent poster held the key, then rolled back
+                raise ConcurrentPosting(f"transaction {key} was being posted concurrently; retry")
+            continue
         if found[key][1] != digest:
             raise IdempotencyConflict(
                 f"idempotency key {key} was already posted with different content",
                 extra={"idempotency_key": key, "transaction_id": found[key][0]},
             )
-    return {key: found[key][0] for key in replayed}
+    return {
+        key: Posted(transaction_id=tx_id, idempotency_key=key, created=False)
+        for key, (tx_id, _) in found.items()
+    }
 
 
-def _insert_postings(cursor: Any, entries: Sequence[Entry], ids: Mapping[str, int]) -> None:
-    legs = [(ids[e.idempotency_key], leg) for e in entries for leg in e.legs]
+def _insert_postings(cursor: Any, entries: Sequence[Entry], posted: Mapping[str, Posted]) -> None:
+    legs = [(posted[e.idempotency_key].transaction_id, leg) for e in entries for leg in e.legs]
     cursor.execute(
         _INSERT_POSTINGS,
         [

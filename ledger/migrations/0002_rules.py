@@ -157,24 +157,35 @@ CREATE CONSTRAINT TRIGGER ledger_transaction_balanced AFTER INSERT ON ledger_tra
   FOR EACH ROW EXECUTE FUNCTION ledger_transaction_check_balanced();
 
 -- TL007: what postings refer to does not change meaning underneath them.
-CREATE FUNCTION ledger_fixed_columns() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION ledger_asset_fixed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-  IF TG_TABLE_NAME = 'ledger_asset' AND (NEW.code <> OLD.code OR NEW.scale <> OLD.scale) THEN
+  IF NEW.code <> OLD.code OR NEW.scale <> OLD.scale THEN
     RAISE EXCEPTION USING ERRCODE = 'TL007', MESSAGE = 'an asset''s code and scale are fixed';
-  ELSIF TG_TABLE_NAME = 'ledger_account' AND (NEW.code <> OLD.code OR NEW.kind <> OLD.kind) THEN
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER ledger_asset_fixed BEFORE UPDATE ON ledger_asset
+  FOR EACH ROW EXECUTE FUNCTION ledger_asset_fixed();
+
+CREATE FUNCTION ledger_account_fixed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.code <> OLD.code OR NEW.kind <> OLD.kind THEN
     RAISE EXCEPTION USING ERRCODE = 'TL007', MESSAGE = 'an account''s code and kind are fixed';
-  ELSIF TG_TABLE_NAME = 'ledger_period' AND OLD.status = 'closed' THEN
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER ledger_account_fixed BEFORE UPDATE ON ledger_account
+  FOR EACH ROW EXECUTE FUNCTION ledger_account_fixed();
+
+CREATE FUNCTION ledger_period_fixed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF OLD.status = 'closed' THEN
     RAISE EXCEPTION USING ERRCODE = 'TL007', MESSAGE = 'a closed period cannot be changed';
   END IF;
   RETURN NEW;
 END $$;
-
-CREATE TRIGGER ledger_asset_fixed BEFORE UPDATE ON ledger_asset
-  FOR EACH ROW EXECUTE FUNCTION ledger_fixed_columns();
-CREATE TRIGGER ledger_account_fixed BEFORE UPDATE ON ledger_account
-  FOR EACH ROW EXECUTE FUNCTION ledger_fixed_columns();
 CREATE TRIGGER ledger_period_fixed BEFORE UPDATE ON ledger_period
-  FOR EACH ROW EXECUTE FUNCTION ledger_fixed_columns();
+  FOR EACH ROW EXECUTE FUNCTION ledger_period_fixed();
 
 CREATE FUNCTION ledger_period_refuse_delete() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -199,9 +210,11 @@ DROP INDEX IF EXISTS ledger_posting_backdated_idx;
 DROP TRIGGER IF EXISTS ledger_period_no_delete ON ledger_period;
 DROP FUNCTION IF EXISTS ledger_period_refuse_delete();
 DROP TRIGGER IF EXISTS ledger_period_fixed ON ledger_period;
+DROP FUNCTION IF EXISTS ledger_period_fixed();
 DROP TRIGGER IF EXISTS ledger_account_fixed ON ledger_account;
+DROP FUNCTION IF EXISTS ledger_account_fixed();
 DROP TRIGGER IF EXISTS ledger_asset_fixed ON ledger_asset;
-DROP FUNCTION IF EXISTS ledger_fixed_columns();
+DROP FUNCTION IF EXISTS ledger_asset_fixed();
 DROP TRIGGER IF EXISTS ledger_transaction_balanced ON ledger_transaction;
 DROP FUNCTION IF EXISTS ledger_transaction_check_balanced();
 DROP TRIGGER IF EXISTS ledger_balance_no_truncate ON ledger_balance;

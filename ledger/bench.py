@@ -1,0 +1,458 @@
+"""`python manage.py bench ledger --json`: posting throughput and balance read latency.
+
+What runs, in a scratch database created, migrated and dropped around the run
+(config/scratch.py), one PostgreSQL connection per process, SQL query logging off
+(DEBUG's logging formats every parameter array and would measure Django, not us):
+
+- post_tx_per_s: `transaction_post` in a loop, one two-leg transaction per database
+  transaction, one process; wall time over `--single-tx` transactions.
+- post_tx_per_s_batched: `transactions_post` with BATCH_ENTRIES two-leg entries per call
+  (one database transaction per call), one process, over `--batched-tx` transactions.
+- hot_account_tx_per_s: `--processes` spawned processes, each posting random two-leg
+  transfers among the same HOT_ACCOUNTS accounts with `transaction_post`, for
+  `--duration-s` seconds from a common start; committed transactions over the longest
+  worker's wall time. Every exception counts in hot_account_errors.
+- balance reads: one read account receives one leg of every entry of BATCH_ENTRIES-entry
+  batches (the other leg rotates over COUNTER_ACCOUNTS accounts); BACKDATED_FRACTION
+  of the entries are dated back up to BACKDATED_S_MAX seconds (within the open period)
+  so the back-dated path of `balance_as_of` is exercised. At `--read-postings-small`
+  and again at `--read-postings` postings on the read account: `--reads` calls of
+  `balance_get` and `--reads` calls of `balance_as_of` at uniform random instants
+  between the account's first effective time and now; latency per call, measured
+  around the selector (Django and the driver included).
+
+Afterwards, the figures are checked: balances equal the sum of postings, and a few
+point-in-time balances equal the sum of postings effective by then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import platform
+import random
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.core.management.base import CommandParser
+from django.db import connection
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
+    from multiprocessing.synchronize import Event
+
+    from ledger.services import Entry
+
+# The services and models are imported inside the functions that use them: a spawned
+# worker process imports this module before it has called django.setup().
+
+ASSET = "BENCH"
+BATCH_ENTRIES = 1_000
+HOT_ACCOUNTS = 10
+SINGLE_ACCOUNTS = 100
+COUNTER_ACCOUNTS = 100
+BACKDATED_FRACTION = 0.01
+BACKDATED_S_MAX = 3_600
+PIT_CHECKS = 5
+WORKER_START_TIMEOUT_S = 120
+AMOUNT_MAX = 1_000_000
+
+FULL = {"single_tx": 5_000, "batched_tx": 100_000, "read_postings_small": 10_000,
+        "read_postings": 1_000_000, "reads": 2_000, "duration_s": 10.0}  # fmt: skip
+QUICK = {"single_tx": 1_000, "batched_tx": 20_000, "read_postings_small": 10_000,
+         "read_postings": 100_000, "reads": 1_000, "duration_s": 5.0}  # fmt: skip
+
+
+def add_arguments(parser: CommandParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="smaller sizes for a smoke run")
+    parser.add_argument("--processes", type=int, default=4, help="hot-account processes")
+    parser.add_argument("--duration-s", type=float, help="hot-account run time per process")
+    parser.add_argument("--single-tx", type=int, help="transactions posted one by one")
+    parser.add_argument("--batched-tx", type=int, help="transactions posted in batches")
+    parser.add_argument("--read-postings-small", type=int, help="first read size (postings)")
+    parser.add_argument("--read-postings", type=int, help="second read size (postings)")
+    parser.add_argument("--reads", type=int, help="reads per kind and size")
+
+
+def run(options: dict[str, Any]) -> dict[str, Any]:
+    """Build the data in a scratch database, measure, and return the figures."""
+    # config.scratch is imported here, not at the top: it is the project's (not the
+    # ledger's) way of finding a server, and `ledger` imports only Django at import time.
+    from config.scratch import scratch_database
+
+    sizes = dict(QUICK if options.get("quick") else FULL)
+    for name in sizes:
+        if options.get(name) is not None:
+            sizes[name] = options[name]
+    processes = int(options.get("processes") or 4)
+    assert sizes["read_postings_small"] <= sizes["read_postings"], "small size above large"
+    with scratch_database(keep=bool(options.get("keep"))) as url, _queries_not_logged():
+        figures = _machine()
+        figures["scratch_database"] = url.rsplit("/", 1)[-1]
+        _setup()
+        figures.update(_bench_single(int(sizes["single_tx"])))
+        figures.update(_bench_batched(int(sizes["batched_tx"])))
+        figures.update(_bench_hot(processes, float(sizes["duration_s"])))
+        figures.update(
+            _bench_reads(
+                int(sizes["read_postings_small"]), int(sizes["read_postings"]), int(sizes["reads"])
+            )
+        )
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM ledger_posting")
+            figures["postings_total"] = int(cursor.fetchone()[0])
+        figures["balances_consistent"] = _balances_consistent()
+    return figures
+
+
+@contextlib.contextmanager
+def _queries_not_logged() -> Iterator[None]:
+    """Turn off Django's query log (on with DEBUG) for the duration of a measurement."""
+    debug = settings.DEBUG
+    settings.DEBUG = False
+    try:
+        yield
+    finally:
+        settings.DEBUG = debug
+
+
+def _machine() -> dict[str, Any]:
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW server_version")
+        version = cursor.fetchone()[0]
+        cursor.execute("SHOW synchronous_commit")
+        synchronous_commit = cursor.fetchone()[0]
+    return {
+        "cpu_count": os.cpu_count(),
+        "machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
+        "postgres_version": version,
+        "postgres_synchronous_commit": synchronous_commit,
+        "database_host": str(connection.settings_dict.get("HOST") or "local socket"),
+    }
+
+
+def _setup() -> None:
+    from ledger.services import account_open, asset_create, period_open
+
+    asset_create(code=ASSET, scale=0, name="Bench token")
+    now = datetime.now(tz=UTC)
+    period_open(year=now.year, month=now.month)
+    codes = (
+        [f"bench:single:{i}" for i in range(SINGLE_ACCOUNTS)]
+        + [f"bench:hot:{i}" for i in range(HOT_ACCOUNTS)]
+        + [f"bench:counter:{i}" for i in range(COUNTER_ACCOUNTS)]
+        + ["bench:read"]
+    )
+    for code in codes:
+        account_open(code=code, kind="asset")
+
+
+def _transfer(key: str, debit: str, credit: str, amount: int, at: datetime | None) -> Entry:
+    from ledger.services import Entry, Leg
+
+    return Entry(
+        idempotency_key=key,
+        legs=(
+            Leg(account=debit, asset=ASSET, amount=amount),
+            Leg(account=credit, asset=ASSET, amount=-amount),
+        ),
+        description="bench transfer",
+        effective_at=at,
+    )
+
+
+def _bench_single(count: int) -> dict[str, Any]:
+    from ledger.services import transaction_post
+
+    rng = random.Random(1)
+    entries = [
+        _transfer(
+            f"single-{i}",
+            *_pair(rng, "bench:single", SINGLE_ACCOUNTS),
+            rng.randint(1, AMOUNT_MAX),
+            None,
+        )
+        for i in range(count)
+    ]
+    started = time.perf_counter()
+    for entry in entries:
+        transaction_post(
+            idempotency_key=entry.idempotency_key, legs=entry.legs, description=entry.description
+        )
+    elapsed_s = time.perf_counter() - started
+    return {
+        "post_tx_per_s": round(count / elapsed_s),
+        "post_tx_count": count,
+        "post_method": f"1 process, transaction_post x {count}, 2 legs, one database "
+        f"transaction each, among {SINGLE_ACCOUNTS} accounts; wall time",
+    }
+
+
+def _bench_batched(count: int) -> dict[str, Any]:
+    from ledger.services import transactions_post
+
+    rng = random.Random(2)
+    elapsed_s = 0.0
+    for start in range(0, count, BATCH_ENTRIES):
+        entries = [
+            _transfer(
+                f"batched-{i}",
+                *_pair(rng, "bench:single", SINGLE_ACCOUNTS),
+                rng.randint(1, AMOUNT_MAX),
+                None,
+            )
+            for i in range(start, min(count, start + BATCH_ENTRIES))
+        ]
+        started = time.perf_counter()
+        transactions_post(entries=entries)
+        elapsed_s += time.perf_counter() - started
+    return {
+        "post_tx_per_s_batched": round(count / elapsed_s),
+        "post_tx_batched_count": count,
+        "post_batched_method": f"1 process, transactions_post with {BATCH_ENTRIES} entries "
+        f"per call (one database transaction each), 2 legs, "
+        f"{count} transactions among {SINGLE_ACCOUNTS} accounts; time "
+        f"inside transactions_post (validation, hashing, SQL, commit)",
+    }
+
+
+def _pair(rng: random.Random, prefix: str, size: int) -> tuple[str, str]:
+    debit, credit = rng.sample(range(size), 2)
+    return f"{prefix}:{debit}", f"{prefix}:{credit}"
+
+
+# --- hot accounts: several processes through the same few accounts -----------------
+
+
+def _bench_hot(processes: int, duration_s: float) -> dict[str, Any]:
+    context = multiprocessing.get_context("spawn")
+    results: Queue[dict[str, Any]] = context.Queue()
+    start: Event = context.Event()
+    database = str(connection.settings_dict["NAME"])
+    workers = [
+        context.Process(target=_hot_worker, args=(database, n, duration_s, start, results))
+        for n in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    ready = [results.get(timeout=WORKER_START_TIMEOUT_S) for _ in workers]
+    assert all(r.get("ready") for r in ready), ready
+    start.set()
+    reports = [results.get(timeout=duration_s + WORKER_START_TIMEOUT_S) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=WORKER_START_TIMEOUT_S)
+    committed = sum(r["committed"] for r in reports)
+    elapsed_s = max(r["elapsed_s"] for r in reports)
+    latencies_ms = sorted(ms for r in reports for ms in r["latencies_ms"])
+    return {
+        "hot_account_tx_per_s": round(committed / elapsed_s),
+        "hot_account_errors": sum(r["errors"] for r in reports),
+        "hot_account_error_samples": [s for r in reports for s in r["error_samples"]][:5],
+        "hot_account_tx_count": committed,
+        "hot_account_latency_ms_p50": _percentile(latencies_ms, 50),
+        "hot_account_latency_ms_p99": _percentile(latencies_ms, 99),
+        "hot_account_method": f"{processes} processes (spawn), each transaction_post in a "
+        f"loop for {duration_s:g} s from a common start, 2-leg transfers "
+        f"between random pairs of the same {HOT_ACCOUNTS} accounts, one "
+        f"database transaction each; committed / longest worker time",
+    }
+
+
+def _hot_worker(
+    database: str, seed: int, duration_s: float, start: Event, results: Queue[dict[str, Any]]
+) -> None:
+    """Post transfers among the hot accounts until `duration_s` has passed; report."""
+    import django
+
+    django.setup()
+    settings.DEBUG = False
+    settings.DATABASES["default"]["NAME"] = database
+    connection.settings_dict["NAME"] = database
+    from ledger.services import transaction_post
+
+    rng = random.Random(1_000 + seed)
+    connection.ensure_connection()
+    results.put({"ready": True})
+    start.wait()
+    committed = errors = 0
+    samples: list[str] = []
+    latencies_ms: list[float] = []
+    started = time.perf_counter()
+    deadline = started + duration_s
+    while (now := time.perf_counter()) < deadline:
+        entry = _transfer(
+            f"hot-{seed}-{committed + errors}",
+            *_pair(rng, "bench:hot", HOT_ACCOUNTS),
+            rng.randint(1, AMOUNT_MAX),
+            None,
+        )
+        try:
+            transaction_post(
+                idempotency_key=entry.idempotency_key,
+                legs=entry.legs,
+                description=entry.description,
+            )
+        except Exception as error:  # every failure counts; the target is zero
+            errors += 1
+            if len(samples) < 3:
+                samples.append(f"{type(error).__name__}: {error}"[:300])
+        else:
+            committed += 1
+            latencies_ms.append((time.perf_counter() - now) * 1_000)
+    results.put(
+        {
+            "committed": committed,
+            "errors": errors,
+            "error_samples": samples,
+            "elapsed_s": time.perf_counter() - started,
+            "latencies_ms": latencies_ms,
+        }
+    )
+    connection.close()
+
+
+# --- balance reads: now and as of a past instant, at two history sizes ----------------
+
+
+def _bench_reads(small: int, large: int, reads: int) -> dict[str, Any]:
+    from ledger.models import Account, Asset
+
+    account_id = Account.objects.get(code="bench:read").pk
+    asset_id = Asset.objects.get(code=ASSET).pk
+    rng = random.Random(3)
+    figures: dict[str, Any] = {}
+    build_s = _build_read_history(rng, 0, small)
+    figures.update(_measure_reads(rng, account_id, asset_id, reads, "10k"))
+    build_s += _build_read_history(rng, small, large)
+    figures.update(_measure_reads(rng, account_id, asset_id, reads, "1m"))
+    figures["balance_read_p99_ms"] = figures["balance_read_p99_ms_1m"]
+    figures["pit_balance_p99_ms"] = figures["pit_balance_p99_ms_1m"]
+    figures["read_postings_10k"] = small
+    figures["read_postings_1m"] = large
+    figures["read_build_tx_per_s"] = round(large / build_s)
+    figures["pit_checked"] = _check_pit(rng, account_id, asset_id)
+    figures["read_method"] = (
+        f"the read account gets one leg of each 2-leg entry posted with transactions_post "
+        f"({BATCH_ENTRIES} per call; other leg over {COUNTER_ACCOUNTS} accounts; "
+        f"{BACKDATED_FRACTION:.0%} back-dated up to {BACKDATED_S_MAX} s); at {small} and at "
+        f"{large} postings: {reads} balance_get calls (current) and {reads} balance_as_of "
+        f"calls at uniform random instants over the account's history, 1 process, latency "
+        f"per call around the selector; read_build_tx_per_s is the batched rate at that "
+        f"table size (a single hot account in every entry)"
+    )
+    return figures
+
+
+def _build_read_history(rng: random.Random, done: int, target: int) -> float:
+    """Post entries touching the read account until it has `target` postings; return s."""
+    from ledger.services import transactions_post
+
+    elapsed_s = 0.0
+    for start in range(done, target, BATCH_ENTRIES):
+        now = datetime.now(tz=UTC)
+        month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        backdated_s_max = min(BACKDATED_S_MAX, (now - month_start).total_seconds())
+        entries = []
+        for i in range(start, min(target, start + BATCH_ENTRIES)):
+            at = None
+            if backdated_s_max > 2 and rng.random() < BACKDATED_FRACTION:
+                at = now - timedelta(seconds=rng.uniform(2, backdated_s_max))
+            counter = f"bench:counter:{i % COUNTER_ACCOUNTS}"
+            amount = rng.randint(1, AMOUNT_MAX)
+            debit, credit = ("bench:read", counter) if i % 2 else (counter, "bench:read")
+            entries.append(_transfer(f"read-{i}", debit, credit, amount, at))
+        started = time.perf_counter()
+        transactions_post(entries=entries)
+        elapsed_s += time.perf_counter() - started
+    return elapsed_s
+
+
+def _history_span(account_id: int, asset_id: int) -> tuple[datetime, datetime]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT min(effective_at), max(recorded_at) FROM ledger_posting "
+            "WHERE account_id = %s AND asset_id = %s",
+            [account_id, asset_id],
+        )
+        first, last = cursor.fetchone()
+    return first, last
+
+
+def _measure_reads(
+    rng: random.Random, account_id: int, asset_id: int, reads: int, label: str
+) -> dict[str, Any]:
+    from ledger.selectors import balance_as_of, balance_get
+
+    with connection.cursor() as cursor:  # fresh statistics, as autovacuum would give
+        cursor.execute("ANALYZE ledger_posting")
+    first, last = _history_span(account_id, asset_id)
+    span_s = (last - first).total_seconds()
+    instants = [first + timedelta(seconds=rng.uniform(0, span_s)) for _ in range(reads)]
+    current_ms: list[float] = []
+    for _ in range(reads):
+        started = time.perf_counter()
+        balance_get(account_id=account_id, asset_id=asset_id)
+        current_ms.append((time.perf_counter() - started) * 1_000)
+    pit_ms: list[float] = []
+    for at in instants:
+        started = time.perf_counter()
+        balance_as_of(account_id=account_id, asset_id=asset_id, at=at)
+        pit_ms.append((time.perf_counter() - started) * 1_000)
+    current_ms.sort()
+    pit_ms.sort()
+    return {
+        f"balance_read_p50_ms_{label}": _percentile(current_ms, 50),
+        f"balance_read_p99_ms_{label}": _percentile(current_ms, 99),
+        f"pit_balance_p50_ms_{label}": _percentile(pit_ms, 50),
+        f"pit_balance_p99_ms_{label}": _percentile(pit_ms, 99),
+    }
+
+
+def _check_pit(rng: random.Random, account_id: int, asset_id: int) -> int:
+    """Assert a few point-in-time balances equal the sum of postings effective by then."""
+    from ledger.selectors import balance_as_of
+
+    first, last = _history_span(account_id, asset_id)
+    span_s = (last - first).total_seconds()
+    for _ in range(PIT_CHECKS):
+        at = first + timedelta(seconds=rng.uniform(0, span_s))
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT coalesce(sum(amount), 0) FROM ledger_posting "
+                "WHERE account_id = %s AND asset_id = %s AND effective_at <= %s",
+                [account_id, asset_id, at],
+            )
+            expected = int(cursor.fetchone()[0])
+        got = balance_as_of(account_id=account_id, asset_id=asset_id, at=at)
+        assert got == expected, f"balance as of {at}: {got}, postings say {expected}"
+    return PIT_CHECKS
+
+
+def _balances_consistent() -> bool:
+    """Return whether every stored balance equals its postings and the asset sums to 0."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT count(*) FROM ledger_balance b
+              FULL JOIN (SELECT account_id, asset_id, sum(amount) AS total, count(*) AS n
+                           FROM ledger_posting GROUP BY account_id, asset_id) p
+                ON p.account_id = b.account_id AND p.asset_id = b.asset_id
+             WHERE b.amount IS DISTINCT FROM p.total OR b.posting_count IS DISTINCT FROM p.n
+            """
+        )
+        mismatches = int(cursor.fetchone()[0])
+        cursor.execute("SELECT coalesce(sum(amount), 0) FROM ledger_balance")
+        total = int(cursor.fetchone()[0])
+    return mismatches == 0 and total == 0
+
+
+def _percentile(ordered: Sequence[float], percent: int) -> float:
+    """Return the nearest-rank percentile of sorted values, in their unit, to 3 decimals."""
+    if not ordered:
+        return 0.0
+    rank = max(1, -(-len(ordered) * percent // 100))
+    return round(ordered[rank - 1], 3)
