@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -284,3 +284,140 @@ def test_rejected_is_typed_with_status_and_code():
 
     assert (error.status, error.code) == (409, "report_conflict")
     assert str(error) == "HTTP 409 report_conflict: differs"
+
+
+# --- against the real application (live_server) --------------------------------------
+
+
+def _live_records(count: int, *, prefix: str) -> list[dict[str, Any]]:
+    """Return `count` records that happened in the last few minutes."""
+    moment = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=3)
+    return [
+        {**record, "occurred_at": moment + timedelta(seconds=index)}
+        for index, record in enumerate(_records(count, prefix=prefix))
+    ]
+
+
+def _node_key(*, provider: str = "qwenhost", node: str = "fra-1", public_key_b64: str = ""):
+    from providers import services
+
+    owner = services.provider_get_or_create(slug=provider)
+    inference_node = services.inference_node_get_or_create(provider=owner, name=node)
+    if public_key_b64:
+        services.inference_node_public_key_set(node=inference_node, public_key_b64=public_key_b64)
+    _, key_text = services.node_key_create(node=inference_node)
+    return key_text
+
+
+def _stored_request_ids() -> list[str]:
+    from providers.models import UsageRecord
+
+    return sorted(UsageRecord.objects.values_list("request_id", flat=True))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_live_report_is_accepted_and_stored(live_server):
+    client = UsageClient(live_server.url, _node_key(), report_id_prefix="qwenhost-fra-1")
+    records = _live_records(3, prefix="live-a")
+
+    answer = client.send_report(records, report_id="qwenhost-fra-1-a")
+
+    assert answer["report_id"] == "qwenhost-fra-1-a"
+    assert answer["status"] == "accepted"
+    assert answer["hold_reason"] is None
+    assert answer["records"] == {"received": 3, "accepted": 3, "duplicate": 0, "conflict": 0}
+    assert _stored_request_ids() == ["live-a-0", "live-a-1", "live-a-2"]
+    status = client.report_status("qwenhost-fra-1-a")
+    assert (status["status"], status["records"]) == ("accepted", answer["records"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_live_replay_gets_the_first_answer_and_stores_nothing(live_server):
+    client = UsageClient(live_server.url, _node_key())
+    prepared = client.prepare_report(_live_records(2, prefix="live-b"))
+
+    first = client.post(prepared)
+    again = client.post(prepared)
+
+    assert (first.status, again.status) == (201, 200)
+    assert again.replayed
+    assert again.body == first.body
+    assert _stored_request_ids() == ["live-b-0", "live-b-1"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_live_duplicate_request_in_a_new_report_is_counted_not_stored_twice(live_server):
+    client = UsageClient(live_server.url, _node_key())
+    records = _live_records(2, prefix="live-c")
+    client.send_report(records[:1])
+
+    answer = client.send_report(records)
+
+    assert answer["records"] == {"received": 2, "accepted": 1, "duplicate": 1, "conflict": 0}
+    assert _stored_request_ids() == ["live-c-0", "live-c-1"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_live_same_report_id_with_other_content_is_a_conflict(live_server):
+    client = UsageClient(live_server.url, _node_key())
+    client.send_report(_live_records(1, prefix="live-d"), report_id="qwenhost-fra-1-d")
+
+    with pytest.raises(UsageReportRejected) as caught:
+        client.send_report(_live_records(2, prefix="live-d"), report_id="qwenhost-fra-1-d")
+
+    assert (caught.value.status, caught.value.code) == (409, "report_conflict")
+    assert _stored_request_ids() == ["live-d-0"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_live_invalid_report_raises_at_once_with_field_paths(live_server):
+    client = UsageClient(live_server.url, _node_key(), backoff_s=5)
+    records = _live_records(2, prefix="live-e")
+    records[1]["colour"] = "blue"
+    started = time.monotonic()
+
+    with pytest.raises(UsageReportRejected) as caught:
+        client.send_report(records)
+
+    assert time.monotonic() - started < 5  # not retried
+    assert (caught.value.status, caught.value.code) == (400, "invalid")
+    paths = [field["path"] for field in caught.value.body["extra"]["fields"]]
+    assert any(path.startswith("$.records[1]") for path in paths), paths
+    assert _stored_request_ids() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_live_bad_key_is_rejected_with_its_code(live_server):
+    _node_key()
+    client = UsageClient(live_server.url, "tlk_00000000_not-a-real-secret")
+
+    with pytest.raises(UsageReportRejected) as caught:
+        client.send_report(_live_records(1, prefix="live-f"))
+
+    assert (caught.value.status, caught.value.code) == (401, "invalid_key")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_live_signed_report_is_accepted_when_the_node_registered_its_key(live_server):
+    from providers.models import UsageReport
+
+    private_key = Ed25519PrivateKey.generate()
+    public_key_b64 = base64.b64encode(private_key.public_key().public_bytes_raw()).decode()
+    key_text = _node_key(public_key_b64=public_key_b64)
+    pem = private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    signed = UsageClient(live_server.url, key_text, signing_key=pem)
+    unsigned = UsageClient(live_server.url, key_text)
+
+    answer = signed.send_report(_live_records(2, prefix="live-g"), report_id="signed-1")
+    with pytest.raises(UsageReportRejected) as caught:
+        unsigned.send_report(_live_records(1, prefix="live-h"))
+
+    assert answer["records"]["accepted"] == 2
+    report = UsageReport.objects.get(report_id="signed-1")
+    assert report.signed
+    assert (caught.value.status, caught.value.code) == (401, "signature_required")
+    assert _stored_request_ids() == ["live-g-0", "live-g-1"]
