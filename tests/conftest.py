@@ -1,1 +1,14 @@
 """Shared fixtures. Tests run on real PostgreSQL (DATABASE_URL or the embedded one)."""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: None) -> None:
+    """Give each test run its own database, so runs on one server never collide."""
+    from django.conf import settings
+
+    test = settings.DATABASES["default"].setdefault("TEST", {})
+    test["NAME"] = f"{test.get('NAME') or 'test_tokenledger'}_{os.getpid()}"
