@@ -1,0 +1,37 @@
+"""Export of usage records through django-import-export (export only: records are append-only)."""
+
+from __future__ import annotations
+
+from import_export import fields, resources
+
+from providers.models import UsageRecord
+
+
+class UsageRecordResource(resources.ModelResource):
+    provider = fields.Field(attribute="provider__slug", column_name="provider")
+    node = fields.Field(attribute="node__name", column_name="node")
+    report = fields.Field(attribute="report__report_id", column_name="report_id")
+
+    class Meta:
+        model = UsageRecord
+        fields = (
+            "id",
+            "provider",
+            "node",
+            "report",
+            "request_id",
+            "enterprise",
+            "model",
+            "occurred_at",
+            "input_tokens",
+            "output_tokens",
+            "cached_input_tokens",
+            "cache_write_tokens",
+            "reasoning_tokens",
+            "service_tier",
+            "metadata",
+        )
+        export_order = fields
+
+    def get_queryset(self):  # type: ignore[no-untyped-def]
+        return super().get_queryset().select_related("provider", "node", "report")
