@@ -38,13 +38,21 @@ def _chart() -> None:
     for model in MODELS:
         for kind in ("input", "output"):
             ledger.asset_create(code=f"tok:{model}:{kind}", scale=0, name=f"{model} {kind}")
-    for code, kind in (("cash", AccountKind.ASSET), ("fees", AccountKind.INCOME),
-                       ("processing", AccountKind.EXPENSE), ("suspense", AccountKind.LIABILITY)):
+    for code, kind in (
+        ("cash", AccountKind.ASSET),
+        ("fees", AccountKind.INCOME),
+        ("processing", AccountKind.EXPENSE),
+        ("suspense", AccountKind.LIABILITY),
+    ):
         ledger.account_open(code=f"platform:{code}", kind=kind, owner="platform")
     for slug in ENTERPRISES:
         owner = f"enterprise:{slug}"
-        for code, kind in (("unbilled", AccountKind.ASSET), ("receivable", AccountKind.ASSET),
-                           ("credit", AccountKind.LIABILITY), ("tokens", AccountKind.MEMO)):
+        for code, kind in (
+            ("unbilled", AccountKind.ASSET),
+            ("receivable", AccountKind.ASSET),
+            ("credit", AccountKind.LIABILITY),
+            ("tokens", AccountKind.MEMO),
+        ):
             ledger.account_open(code=f"{owner}:{code}", kind=kind, owner=owner)
     for slug in PROVIDERS:
         owner = f"provider:{slug}"
@@ -52,12 +60,14 @@ def _chart() -> None:
         ledger.account_open(code=f"{owner}:tokens", kind=AccountKind.MEMO, owner=owner)
 
 
-def _usage(enterprise: str, model: str, input_tokens: int, output_tokens: int,
-           day: datetime) -> tuple[int, int]:
+def _usage(
+    enterprise: str, model: str, input_tokens: int, output_tokens: int, day: datetime
+) -> tuple[int, int]:
     """Post rule 1, in money and tokens; return (gross, provider's share)."""
     provider, input_price, output_price = MODELS[model]
-    gross = (input_tokens * _price_per_token(input_price)
-             + output_tokens * _price_per_token(output_price))
+    gross = input_tokens * _price_per_token(input_price) + output_tokens * _price_per_token(
+        output_price
+    )
     fee = gross * int(FEE_RATE * 100) // 100  # exact: gross is a multiple of 100 here
     assert fee * 100 == gross * int(FEE_RATE * 100)
     ledger.transaction_post(
@@ -93,8 +103,10 @@ def demo_load() -> None:
         idempotency_key="demo:credit:acme:2026-09",
         description="Prepaid credit purchased by acme",
         effective_at=datetime(2026, 9, 20, tzinfo=UTC),
-        legs=[Leg("platform:cash", "USD", 50 * 100 * CENT),
-              Leg("enterprise:acme:credit", "USD", -50 * 100 * CENT)],
+        legs=[
+            Leg("platform:cash", "USD", 50 * 100 * CENT),
+            Leg("enterprise:acme:credit", "USD", -50 * 100 * CENT),
+        ],
     )
     ledger.period_close(period_id=september.pk, closed_by_id=None, note="demo close")
     # Money moves in whole cents; the sub-cent remainder stays unbilled and carries.
@@ -103,21 +115,27 @@ def demo_load() -> None:
         idempotency_key="demo:invoice:acme:2026-09",
         description="Invoice finalized: acme, September 2026 (remainder carried)",
         effective_at=datetime(2026, 10, 1, 1, tzinfo=UTC),
-        legs=[Leg("enterprise:acme:receivable", "USD", invoice),
-              Leg("enterprise:acme:unbilled", "USD", -invoice)],
+        legs=[
+            Leg("enterprise:acme:receivable", "USD", invoice),
+            Leg("enterprise:acme:unbilled", "USD", -invoice),
+        ],
     )
     ledger.transaction_post(
         idempotency_key="demo:credit-applied:acme:2026-09",
         description="Prepaid credit applied to acme's September invoice",
         effective_at=datetime(2026, 10, 1, 1, tzinfo=UTC),
-        legs=[Leg("enterprise:acme:credit", "USD", invoice),
-              Leg("enterprise:acme:receivable", "USD", -invoice)],
+        legs=[
+            Leg("enterprise:acme:credit", "USD", invoice),
+            Leg("enterprise:acme:receivable", "USD", -invoice),
+        ],
     )
     payout = qwenhost_share // CENT * CENT
     ledger.transaction_post(
         idempotency_key="demo:payout:qwenhost:2026-09",
         description="Payout to qwenhost for September 2026",
         effective_at=datetime(2026, 10, 5, tzinfo=UTC),
-        legs=[Leg("provider:qwenhost:payable", "USD", payout),
-              Leg("platform:cash", "USD", -payout)],
+        legs=[
+            Leg("provider:qwenhost:payable", "USD", payout),
+            Leg("platform:cash", "USD", -payout),
+        ],
     )

@@ -68,7 +68,9 @@ def _is_running() -> bool:
 
     result = subprocess.run(
         [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(PGDATA), "status"],
-        user=_run_as(), capture_output=True, check=False,
+        user=_run_as(),
+        capture_output=True,
+        check=False,
     )
     return result.returncode == 0
 
@@ -88,8 +90,19 @@ def start() -> str:
         _pg("initdb", "-D", str(PGDATA), "--auth=trust", "--encoding=UTF8", "-U", "postgres")
     if not _is_running():
         options = f"-h 127.0.0.1 -p {PORT} -k {PGDATA} -c max_connections=200"
-        _pg("pg_ctl", "-D", str(PGDATA), "-l", str(PGDATA / "server.log"), "-w",
-            "-t", str(START_TIMEOUT_S), "-o", options, "start")
+        _pg(
+            "pg_ctl",
+            "-D",
+            str(PGDATA),
+            "-l",
+            str(PGDATA / "server.log"),
+            "-w",
+            "-t",
+            str(START_TIMEOUT_S),
+            "-o",
+            options,
+            "start",
+        )
     _create_database()
     URL_FILE.write_text(url() + "\n")
     return url()
@@ -131,8 +144,9 @@ def main(argv: list[str]) -> int:
     elif action == "url":
         print(url())
     else:
-        print(f"usage: python -m config.embedded_pg start|stop|url (got {action!r})",
-              file=sys.stderr)
+        print(
+            f"usage: python -m config.embedded_pg start|stop|url (got {action!r})", file=sys.stderr
+        )
         return 2
     return 0
 

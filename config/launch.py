@@ -68,17 +68,38 @@ def run() -> int:
         _manage(env, "migrate", "--no-input")
         _manage(env, "demo_load")
         commands = {
-            "web": [PYTHON, "-m", "gunicorn", "config.wsgi", "--bind", f"127.0.0.1:{port}",
-                    "--workers", env.get("WEB_CONCURRENCY", "2"), "--access-logfile", "-"],
-            "worker": [PYTHON, "-m", "celery", "-A", "config", "worker", "--loglevel", "INFO",
-                       "--concurrency", env.get("CELERY_CONCURRENCY", "2")],
+            "web": [
+                PYTHON,
+                "-m",
+                "gunicorn",
+                "config.wsgi",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                env.get("WEB_CONCURRENCY", "2"),
+                "--access-logfile",
+                "-",
+            ],
+            "worker": [
+                PYTHON,
+                "-m",
+                "celery",
+                "-A",
+                "config",
+                "worker",
+                "--loglevel",
+                "INFO",
+                "--concurrency",
+                env.get("CELERY_CONCURRENCY", "2"),
+            ],
             "beat": [PYTHON, "-m", "celery", "-A", "config", "beat", "--loglevel", "INFO"],
             "node": [PYTHON, "manage.py", "demo_node", "--url", f"http://127.0.0.1:{port}"],
         }
         for command in commands.values():
             # Own process group: Ctrl-C reaches us once, and we stop the children in order.
-            processes.append(subprocess.Popen(command, env=env, cwd=BASE_DIR,
-                                              start_new_session=True))
+            processes.append(
+                subprocess.Popen(command, env=env, cwd=BASE_DIR, start_new_session=True)
+            )
         print(
             f"\nTokenledger is running on http://127.0.0.1:{port}/\n"
             f"  admin:    http://127.0.0.1:{port}/admin/  (login: demo-finance / demo-finance)\n"
@@ -103,8 +124,9 @@ def run() -> int:
 def test(pytest_args: list[str]) -> int:
     url, started = _database_url()
     try:
-        result = subprocess.run([PYTHON, "-m", "pytest", *pytest_args], env=_env(url),
-                                cwd=BASE_DIR, check=False)
+        result = subprocess.run(
+            [PYTHON, "-m", "pytest", *pytest_args], env=_env(url), cwd=BASE_DIR, check=False
+        )
         return result.returncode
     finally:
         if started:

@@ -20,8 +20,11 @@ from django.db import connection, connections
 def _admin_conninfo() -> str:
     db = settings.DATABASES["default"]
     return psycopg.conninfo.make_conninfo(
-        host=db.get("HOST") or None, port=db.get("PORT") or None,
-        user=db.get("USER") or None, password=db.get("PASSWORD") or None, dbname="postgres",
+        host=db.get("HOST") or None,
+        port=db.get("PORT") or None,
+        user=db.get("USER") or None,
+        password=db.get("PASSWORD") or None,
+        dbname="postgres",
     )
 
 

@@ -146,6 +146,7 @@ if not DEBUG:
     CSRF_COOKIE_SECURE = True
     SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
 
+
 # --- Celery. With CELERY_BROKER_URL unset, the broker is kombu's SQLAlchemy transport
 # on the same PostgreSQL: zero setup, durable, and still a separate worker process.
 def _default_broker_url() -> str:

@@ -33,5 +33,6 @@ def healthz(request: HttpRequest) -> JsonResponse:
     """Return 200 when the database and the broker answer, 503 otherwise."""
     status = {"database": _database_status(), "broker": _broker_status()}
     healthy = all(value == "ok" for value in status.values())
-    return JsonResponse({"status": "ok" if healthy else "unavailable", **status},
-                        status=200 if healthy else 503)
+    return JsonResponse(
+        {"status": "ok" if healthy else "unavailable", **status}, status=200 if healthy else 503
+    )

@@ -55,7 +55,7 @@ class AssetAdmin(ReadOnlyAdmin):
 
 class BalanceInline(ReadOnlyInline):
     model = Balance
-    fields = ["asset", "amount_display", "posting_count", "updated_at"]
+    fields = ("asset", "amount_display", "posting_count", "updated_at")
     readonly_fields = fields
 
     @admin.display(description="balance (debit +, credit -)")
@@ -73,7 +73,7 @@ class AccountAdmin(ReadOnlyAdmin):
 
 class PostingInline(ReadOnlyInline):
     model = Posting
-    fields = ["account", "asset", "debit", "credit", "balance_after", "recorded_at"]
+    fields = ("account", "asset", "debit", "credit", "balance_after", "recorded_at")
     readonly_fields = fields
 
     def debit(self, obj: Posting) -> str:
@@ -85,8 +85,14 @@ class PostingInline(ReadOnlyInline):
 
 @admin.register(Transaction)
 class TransactionAdmin(ReadOnlyAdmin):
-    list_display = ["id", "idempotency_key", "description", "effective_at", "recorded_at",
-                    "reverses"]
+    list_display = [
+        "id",
+        "idempotency_key",
+        "description",
+        "effective_at",
+        "recorded_at",
+        "reverses",
+    ]
     list_filter = [("effective_at", admin.DateFieldListFilter)]
     search_fields = ["idempotency_key", "description"]
     date_hierarchy = "effective_at"
@@ -95,16 +101,20 @@ class TransactionAdmin(ReadOnlyAdmin):
 
     def get_urls(self) -> list[URLPattern]:
         journal = path(
-            "journal.csv", self.admin_site.admin_view(self.journal_export),
+            "journal.csv",
+            self.admin_site.admin_view(self.journal_export),
             name="ledger_journal_export",
         )
         return [journal, *super().get_urls()]
 
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
-        extra_context = {**(extra_context or {}),
-                         "title": format_html(
-                             'Transactions — <a href="{}">export the journal (CSV)</a>',
-                             reverse("admin:ledger_journal_export"))}
+        extra_context = {
+            **(extra_context or {}),
+            "title": format_html(
+                'Transactions — <a href="{}">export the journal (CSV)</a>',
+                reverse("admin:ledger_journal_export"),
+            ),
+        }
         return super().changelist_view(request, extra_context)
 
     def journal_export(self, request: HttpRequest) -> StreamingHttpResponse:
@@ -130,9 +140,8 @@ _NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 
 def _csv_cell(value: object) -> object:
     # A text cell starting with = + - @ is a formula to a spreadsheet: quote it as text.
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        if not _NUMBER.match(value):
-            return "'" + value
+    if isinstance(value, str) and value[:1] and value[0] in "=+-@\t\r" and not _NUMBER.match(value):
+        return "'" + value
     return value
 
 

@@ -17,6 +17,9 @@ AMOUNT_DIGITS_MAX = 38
 
 
 class AmountField(models.DecimalField):  # type: ignore[type-arg]
+    _pyi_private_set_type: int | Decimal
+    _pyi_private_get_type: int  # type: ignore[assignment]
+    _pyi_lookup_exact_type: int | Decimal
     description = "Exact integer amount in an asset's smallest unit (NUMERIC(38,0))"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -77,7 +77,9 @@ class Account(models.Model):
     code = models.CharField(max_length=CODE_LENGTH_MAX, unique=True)
     kind = models.CharField(max_length=16, choices=AccountKind.choices)
     owner = models.CharField(
-        max_length=CODE_LENGTH_MAX, blank=True, db_index=True,
+        max_length=CODE_LENGTH_MAX,
+        blank=True,
+        db_index=True,
         help_text="Who the account belongs to, e.g. `enterprise:acme`; empty for the platform.",
     )
     metadata = models.JSONField(default=dict, blank=True)
@@ -102,7 +104,7 @@ class Account(models.Model):
         return self.code
 
     def is_debit_normal(self) -> bool:
-        return self.kind in DEBIT_NORMAL_KINDS
+        return bool(self.kind in DEBIT_NORMAL_KINDS)
 
 
 class Transaction(models.Model):
@@ -177,7 +179,7 @@ class Posting(models.Model):
         return f"{self.account_id} {self.asset_id} {self.amount:+d}"
 
     def is_debit(self) -> bool:
-        return self.amount > 0
+        return bool(self.amount > 0)
 
 
 class Balance(models.Model):
@@ -216,7 +218,10 @@ class Period(models.Model):
     status = models.CharField(max_length=8, choices=PeriodStatus.choices, default=PeriodStatus.OPEN)
     closed_at = models.DateTimeField(null=True, blank=True)
     closed_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
         related_name="+",
     )
     close_note = models.CharField(max_length=DESCRIPTION_LENGTH_MAX, blank=True)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 from django.db import connection
 
@@ -36,7 +37,7 @@ def balance_get(*, account_id: int, asset_id: int) -> int:
         .values_list("amount", flat=True)
         .first()
     )
-    return amount or 0
+    return int(amount or 0)
 
 
 _BALANCE_AS_OF = """
@@ -59,8 +60,8 @@ def balance_as_of(*, account_id: int, asset_id: int, at: datetime) -> int:
     """Return the balance of postings effective at or before `at`; cost independent of history."""
     with connection.cursor() as cursor:
         cursor.execute(
-            _BALANCE_AS_OF, {"account": account_id, "asset": asset_id, "at": at,
-                             "lag": BACKDATED_LAG},
+            _BALANCE_AS_OF,
+            {"account": account_id, "asset": asset_id, "at": at, "lag": BACKDATED_LAG},  # type: ignore[dict-item]
         )
         row = cursor.fetchone()
     return int(row[0])
@@ -96,23 +97,25 @@ def trial_balance(*, at: datetime | None = None) -> list[TrialBalanceRow]:
               JOIN ledger_asset s ON s.id = b.asset_id
              WHERE b.amount <> 0
              ORDER BY s.code, a.code"""
-        params: dict[str, object] = {}
+        params: dict[str, Any] = {}
     else:
         sql = f"""
             SELECT s.code, s.scale, a.code, a.kind, x.amount
               FROM ledger_balance b
               JOIN ledger_account a ON a.id = b.account_id
               JOIN ledger_asset s ON s.id = b.asset_id
-              CROSS JOIN LATERAL ({_BALANCE_AS_OF.replace('%(account)s', 'b.account_id')
-                                   .replace('%(asset)s', 'b.asset_id')} AS amount) x
+              CROSS JOIN LATERAL ({
+            _BALANCE_AS_OF.replace("%(account)s", "b.account_id").replace("%(asset)s", "b.asset_id")
+        } AS amount) x
              WHERE x.amount <> 0
              ORDER BY s.code, a.code"""
         params = {"at": at, "lag": BACKDATED_LAG}
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return [
-            TrialBalanceRow(asset=asset, scale=scale, account=account, kind=kind,
-                            balance=int(amount))
+            TrialBalanceRow(
+                asset=asset, scale=scale, account=account, kind=kind, balance=int(amount)
+            )
             for asset, scale, account, kind, amount in cursor.fetchall()
         ]
 
@@ -136,7 +139,11 @@ class AccountHistory:
 
 
 def account_history(
-    *, account_id: int, asset_id: int, since: datetime, until: datetime,
+    *,
+    account_id: int,
+    asset_id: int,
+    since: datetime,
+    until: datetime,
     limit: int = HISTORY_ROWS_MAX,
 ) -> AccountHistory:
     """Return postings effective in [since, until) with the running balance after each."""
@@ -156,21 +163,40 @@ def account_history(
              ORDER BY p.effective_at, p.id
              LIMIT %(limit)s
             """,
-            {"opening": opening, "account": account_id, "asset": asset_id, "since": since,
-             "until": until, "limit": limit + 1},
+            {
+                "opening": opening,
+                "account": account_id,
+                "asset": asset_id,
+                "since": since,
+                "until": until,
+                "limit": limit + 1,
+            },
         )
         fetched = cursor.fetchall()
     rows = [
-        HistoryRow(posting_id=r[0], transaction_id=r[1], idempotency_key=r[2], effective_at=r[3],
-                   description=r[4], amount=int(r[5]), running_balance=int(r[6]))
+        HistoryRow(
+            posting_id=r[0],
+            transaction_id=r[1],
+            idempotency_key=r[2],
+            effective_at=r[3],
+            description=r[4],
+            amount=int(r[5]),
+            running_balance=int(r[6]),
+        )
         for r in fetched[:limit]
     ]
     return AccountHistory(opening_balance=opening, rows=rows, truncated=len(fetched) > limit)
 
 
 JOURNAL_COLUMNS = (
-    "transaction_id", "idempotency_key", "effective_at", "account", "asset", "amount",
-    "amount_decimal", "description",
+    "transaction_id",
+    "idempotency_key",
+    "effective_at",
+    "account",
+    "asset",
+    "amount",
+    "amount_decimal",
+    "description",
 )
 
 
@@ -188,14 +214,28 @@ def journal_rows(
     if until is not None:
         postings = postings.filter(effective_at__lt=until)
     rows = postings.order_by("effective_at", "transaction_id", "id").values_list(
-        "transaction_id", "transaction__idempotency_key", "effective_at", "account__code",
-        "asset__code", "amount", "asset__scale", "transaction__description",
+        "transaction_id",
+        "transaction__idempotency_key",
+        "effective_at",
+        "account__code",
+        "asset__code",
+        "amount",
+        "asset__scale",
+        "transaction__description",
     )
     for tx_id, key, effective_at, account, asset, amount, scale, description in rows.iterator(
         chunk_size=JOURNAL_CHUNK_ROWS
     ):
-        yield (tx_id, key, effective_at.isoformat(), account, asset, amount,
-               format_amount(amount, scale), description)
+        yield (
+            tx_id,
+            key,
+            effective_at.isoformat(),
+            account,
+            asset,
+            int(amount),
+            format_amount(int(amount), scale),
+            description,
+        )
 
 
 def format_amount(amount: int, scale: int) -> str:

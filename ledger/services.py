@@ -102,7 +102,11 @@ def asset_create(*, code: str, scale: int, name: str = "") -> Asset:
 
 
 def account_open(
-    *, code: str, kind: AccountKind | str, owner: str = "", metadata: Mapping[str, Any] | None = None
+    *,
+    code: str,
+    kind: AccountKind | str,
+    owner: str = "",
+    metadata: Mapping[str, Any] | None = None,
 ) -> Account:
     """Return the account `code`, opening it; an existing one must have the same kind."""
     account, _ = Account.objects.get_or_create(
@@ -250,8 +254,11 @@ def _post(entries: Sequence[Entry], hashes: Mapping[str, str]) -> dict[str, Post
             key: Posted(transaction_id=tx_id, idempotency_key=key, created=True)
             for tx_id, key in cursor.fetchall()
         }
-        replayed = {e.idempotency_key: hashes[e.idempotency_key] for e in entries
-                    if e.idempotency_key not in created}
+        replayed = {
+            e.idempotency_key: hashes[e.idempotency_key]
+            for e in entries
+            if e.idempotency_key not in created
+        }
         existing = _existing_transactions(cursor, replayed, require_all=True)
         new_entries = [e for e in entries if e.idempotency_key in created]
         if new_entries:
@@ -331,8 +338,11 @@ def transaction_post(
 ) -> Posted:
     """Post one balanced transaction (see `transactions_post`)."""
     entry = Entry(
-        idempotency_key=idempotency_key, legs=tuple(legs), description=description,
-        effective_at=effective_at, metadata=dict(metadata or {}),
+        idempotency_key=idempotency_key,
+        legs=tuple(legs),
+        description=description,
+        effective_at=effective_at,
+        metadata=dict(metadata or {}),
     )
     return transactions_post(entries=[entry])[0]
 
@@ -350,17 +360,19 @@ def transaction_reverse(
     if original is None:
         raise InvalidTransaction(f"transaction {transaction_id} does not exist")
     legs = tuple(
-        Leg(account=account, asset=asset, amount=-amount)
+        Leg(account=account, asset=asset, amount=-int(amount))
         for account, asset, amount in original.postings.order_by("id").values_list(
             "account__code", "asset__code", "amount"
         )
     )
     entry = Entry(
-        idempotency_key=idempotency_key, legs=legs,
-        description=description or f"Reversal of #{original.pk}: {original.description}"[
-            :DESCRIPTION_LENGTH_MAX
-        ],
-        effective_at=effective_at, metadata=dict(metadata or {}), reverses_id=original.pk,
+        idempotency_key=idempotency_key,
+        legs=legs,
+        description=description
+        or f"Reversal of #{original.pk}: {original.description}"[:DESCRIPTION_LENGTH_MAX],
+        effective_at=effective_at,
+        metadata=dict(metadata or {}),
+        reverses_id=original.pk,
     )
     try:
         return transactions_post(entries=[entry])[0]

@@ -17,8 +17,13 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 def _manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
     return subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=BASE_DIR, env={**clean, **env},
-        capture_output=True, text=True, timeout=120, check=False,
+        [sys.executable, "manage.py", *args],
+        cwd=BASE_DIR,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -36,8 +41,12 @@ def test_missing_allowed_hosts_stops_start_up_with_debug_off():
 
 def test_check_deploy_is_clean_in_production_settings():
     result = _manage(
-        "check", "--deploy", "--fail-level", "WARNING",
-        DJANGO_SECRET_KEY=secrets.token_urlsafe(50), DJANGO_ALLOWED_HOSTS="ledger.example.com",
+        "check",
+        "--deploy",
+        "--fail-level",
+        "WARNING",
+        DJANGO_SECRET_KEY=secrets.token_urlsafe(50),
+        DJANGO_ALLOWED_HOSTS="ledger.example.com",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "System check identified no issues" in result.stdout
@@ -76,8 +85,12 @@ def test_healthz_is_503_when_the_database_is_down(client, monkeypatch):
 def test_import_direction_between_apps():
     """ledger imports no other app; providers never imports billing (import-linter)."""
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "lint-imports")], cwd=BASE_DIR,
-        capture_output=True, text=True, timeout=120, check=False,
+        [str(Path(sys.executable).parent / "lint-imports")],
+        cwd=BASE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 kept, 0 broken" in result.stdout

@@ -11,9 +11,7 @@ from django.db.backends.postgresql import base, operations
 
 class DatabaseOperations(operations.DatabaseOperations):
     def execute_sql_flush(self, sql_list: list[str]) -> None:
-        super().execute_sql_flush(
-            ["SET LOCAL session_replication_role = replica", *sql_list]
-        )
+        super().execute_sql_flush(["SET LOCAL session_replication_role = replica", *sql_list])
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
