@@ -172,6 +172,9 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_CONNECTION_TIMEOUT = 5
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = "UTC"
+CELERY_BEAT_SCHEDULE = {
+    "ledger-periods-open-ahead": {"task": "ledger.tasks.periods_open_ahead", "schedule": 3600.0},
+}
 
 # --- REST framework and OpenAPI.
 REST_FRAMEWORK = {
