@@ -1,0 +1,525 @@
+"""The write services: posting, idempotency, batches, validation, reversal, periods.
+
+These run inside one rolled-back test transaction (fast): the services check every
+rule in Python before writing, which is what is under test here; the same rules in
+PostgreSQL are proven with real commits in test_rules.py.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from ledger.exceptions import (
+    AlreadyReversed,
+    IdempotencyConflict,
+    InvalidTransaction,
+    LedgerError,
+    UnbalancedTransaction,
+    UnknownAccount,
+    UnknownAsset,
+)
+from ledger.models import AccountKind, Period, PeriodStatus, Posting, Transaction
+from ledger.services import (
+    LEGS_PER_TRANSACTION_MAX,
+    TRANSACTIONS_PER_BATCH_MAX,
+    Entry,
+    Leg,
+    account_open,
+    asset_create,
+    period_close,
+    period_open,
+    transaction_post,
+    transaction_reverse,
+    transactions_post,
+)
+from tests.ledger.factories import (
+    assert_books_hold,
+    books_state,
+    chart,
+    committing_db,
+    legs,
+    stored_balances,
+    transfer,
+)
+
+pytestmark = pytest.mark.django_db
+
+SALE = (("platform:cash", "USD", 500), ("platform:fees", "USD", -500))
+
+
+@pytest.fixture
+def world() -> dict:
+    return chart()
+
+
+def postings_of(tx_id: int) -> list[tuple[str, str, int]]:
+    return sorted(
+        Posting.objects.filter(transaction_id=tx_id).values_list(
+            "account__code", "asset__code", "amount"
+        )
+    )
+
+
+# --- posting and idempotency ---------------------------------------------------------
+
+
+def test_post_writes_the_legs_and_moves_the_balances(world):
+    posted = transaction_post(
+        idempotency_key="sale-1", legs=legs(*SALE), description="a sale", metadata={"n": 1}
+    )
+    assert (posted.idempotency_key, posted.created) == ("sale-1", True)
+    tx = Transaction.objects.get(pk=posted.transaction_id)
+    assert (tx.description, tx.metadata, tx.reverses_id) == ("a sale", {"n": 1}, None)
+    assert postings_of(tx.pk) == [("platform:cash", "USD", 500), ("platform:fees", "USD", -500)]
+    assert stored_balances() == {("platform:cash", "USD"): 500, ("platform:fees", "USD"): -500}
+    assert_books_hold()
+
+
+def test_replay_with_the_same_content_returns_the_existing_transaction(world):
+    first = transaction_post(idempotency_key="sale-1", legs=legs(*SALE), metadata={"a": [1, 2]})
+    before = books_state()
+    again = transaction_post(idempotency_key="sale-1", legs=legs(*SALE), metadata={"a": [1, 2]})
+    assert (again.transaction_id, again.created) == (first.transaction_id, False)
+    assert books_state() == before
+
+
+def test_replay_with_the_legs_in_another_order_is_the_same_content(world):
+    first = transaction_post(idempotency_key="sale-1", legs=legs(*SALE))
+    again = transaction_post(idempotency_key="sale-1", legs=legs(*reversed(SALE)))
+    assert (again.transaction_id, again.created) == (first.transaction_id, False)
+    assert Transaction.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"legs": legs(("platform:cash", "USD", 501), ("platform:fees", "USD", -501))},
+        {"legs": legs(("platform:cash", "USD", 500), ("enterprise:acme:credit", "USD", -500))},
+        {"legs": legs(("platform:cash", "TOK", 500), ("platform:fees", "TOK", -500))},
+        {"description": "another sale"},
+        {"metadata": {"n": 2}},
+        {"effective_at": datetime(2025, 1, 1, tzinfo=UTC)},
+    ],
+    ids=["amount", "account", "asset", "description", "metadata", "effective_at"],
+)
+def test_replay_with_different_content_is_a_conflict_and_writes_nothing(world, changes):
+    original = {"legs": legs(*SALE), "description": "a sale", "metadata": {"n": 1}}
+    first = transaction_post(idempotency_key="sale-1", **original)
+    before = books_state()
+    with pytest.raises(
+        IdempotencyConflict, match=r"^idempotency key sale-1 was already posted with different"
+    ) as info:
+        transaction_post(idempotency_key="sale-1", **{**original, **changes})
+    assert (info.value.code, info.value.status, info.value.retryable) == (
+        "idempotency_conflict",
+        409,
+        False,
+    )
+    assert info.value.extra == {"idempotency_key": "sale-1", "transaction_id": first.transaction_id}
+    assert books_state() == before
+    assert_books_hold()
+
+
+def test_replay_with_the_same_instant_written_in_another_time_zone_is_the_same_content(world):
+    """The effective time is an instant; how the caller's datetime spells it is not content.
+
+    A retry that re-reads the time from the database gets it back in UTC.
+    """
+    paris = datetime(2025, 3, 1, 13, 0, tzinfo=ZoneInfo("Europe/Paris"))
+    first = transaction_post(idempotency_key="sale-1", legs=legs(*SALE), effective_at=paris)
+    stored = Transaction.objects.get(pk=first.transaction_id).effective_at
+    assert stored == paris.astimezone(UTC)
+    again = transaction_post(idempotency_key="sale-1", legs=legs(*SALE), effective_at=stored)
+    assert (again.transaction_id, again.created) == (first.transaction_id, False)
+
+
+# --- batches ---------------------------------------------------------------------------
+
+
+def test_batch_posts_every_entry_in_order_in_one_go(world):
+    entries = [
+        Entry(
+            idempotency_key=f"batch-{i}",
+            legs=legs(("platform:cash", "USD", i + 1), ("provider:p1:payable", "USD", -(i + 1))),
+        )
+        for i in range(500)
+    ]
+    posted = transactions_post(entries=entries)
+    assert [p.idempotency_key for p in posted] == [f"batch-{i}" for i in range(500)]
+    assert all(p.created for p in posted)
+    assert len({p.transaction_id for p in posted}) == 500
+    assert Posting.objects.count() == 1000
+    total = 500 * 501 // 2
+    assert stored_balances() == {
+        ("platform:cash", "USD"): total,
+        ("provider:p1:payable", "USD"): -total,
+    }
+    assert_books_hold()
+
+
+def test_batch_with_some_keys_already_posted_writes_only_the_new_ones(world):
+    old = transfer("k-1", "platform:cash", "platform:fees", 10)
+    old_3 = transfer("k-3", "platform:cash", "platform:fees", 30)
+    entries = [
+        Entry(
+            idempotency_key=f"k-{i}",
+            legs=legs(("platform:cash", "USD", 10 * i), ("platform:fees", "USD", -10 * i)),
+        )
+        for i in range(1, 5)
+    ]
+    posted = transactions_post(entries=entries)
+    assert [(p.idempotency_key, p.created) for p in posted] == [
+        ("k-1", False),
+        ("k-2", True),
+        ("k-3", False),
+        ("k-4", True),
+    ]
+    assert posted[0].transaction_id == old.transaction_id
+    assert posted[2].transaction_id == old_3.transaction_id
+    assert Transaction.objects.count() == 4
+    assert stored_balances()[("platform:cash", "USD")] == 100
+    # The whole batch again is a pure replay.
+    before = books_state()
+    assert [p.created for p in transactions_post(entries=entries)] == [False] * 4
+    assert books_state() == before
+    assert_books_hold()
+
+
+def test_a_conflict_anywhere_in_a_batch_writes_nothing_of_the_batch(world):
+    transfer("k-2", "platform:cash", "platform:fees", 20)
+    before = books_state()
+    entries = [
+        Entry(idempotency_key="k-1", legs=legs(*SALE)),
+        Entry(idempotency_key="k-2", legs=legs(*SALE)),  # posted before with 20, not 500
+        Entry(idempotency_key="k-3", legs=legs(*SALE)),
+    ]
+    with pytest.raises(IdempotencyConflict, match=r"^idempotency key k-2 was already posted"):
+        transactions_post(entries=entries)
+    assert books_state() == before
+    assert not Transaction.objects.filter(idempotency_key__in=["k-1", "k-3"]).exists()
+
+
+def test_batch_limits_are_enforced_before_anything_is_written(world):
+    with pytest.raises(InvalidTransaction, match=r"^a batch holds 1\.\.10000 transactions$"):
+        transactions_post(entries=[])
+    entry = Entry(idempotency_key="k", legs=legs(*SALE))
+    with pytest.raises(InvalidTransaction, match=r"a batch holds 1\.\.10000"):
+        transactions_post(entries=[entry] * (TRANSACTIONS_PER_BATCH_MAX + 1))
+    with pytest.raises(
+        InvalidTransaction, match=r"^idempotency keys repeated within one batch: \['k'\]$"
+    ):
+        transactions_post(entries=[entry, Entry(idempotency_key="k", legs=legs(*SALE))])
+    assert Transaction.objects.count() == 0
+
+
+# --- validation ------------------------------------------------------------------------
+
+
+def rejected(error: type[LedgerError], match: str, code: str, **entry: object) -> LedgerError:
+    """Post `entry`, assert it fails with `error` and `code`, and that nothing was written."""
+    before = books_state()
+    with pytest.raises(error, match=match) as info:
+        transaction_post(**{"idempotency_key": "bad", "legs": legs(*SALE), **entry})
+    assert info.value.code == code
+    assert books_state() == before
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "amount", [True, False, 0, 1.0, Decimal("5"), "5", 10**38, -(10**38)], ids=repr
+)
+def test_a_leg_amount_must_be_a_non_zero_integer_in_range(world, amount):
+    bad = Leg(account="platform:cash", asset="USD", amount=amount)  # type: ignore[arg-type]
+    error = rejected(
+        InvalidTransaction,
+        "^"
+        + re.escape(f"leg amount {amount!r} of bad must be a non-zero integer of smallest units"),
+        "invalid_transaction",
+        legs=[bad, *legs(("platform:fees", "USD", -5))],
+    )
+    assert error.extra == {"idempotency_key": "bad", "account": "platform:cash"}
+
+
+def test_the_largest_amount_in_range_is_accepted(world):
+    top = 10**38 - 1
+    posted = transaction_post(
+        idempotency_key="big",
+        legs=legs(("platform:cash", "USD", top), ("platform:fees", "USD", -top)),
+    )
+    assert postings_of(posted.transaction_id) == [
+        ("platform:cash", "USD", top),
+        ("platform:fees", "USD", -top),
+    ]
+    assert stored_balances()[("platform:cash", "USD")] == top
+
+
+def test_unbalanced_legs_are_refused_naming_each_asset_and_its_sum(world):
+    error = rejected(
+        UnbalancedTransaction,
+        r"^transaction bad does not balance: TOK sums to 1, USD sums to -2$",
+        "transaction_unbalanced",
+        legs=legs(
+            ("platform:cash", "USD", 3),
+            ("platform:fees", "USD", -5),
+            ("platform:cash", "TOK", 1),
+        ),
+    )
+    assert error.extra == {"idempotency_key": "bad", "sums": {"TOK": "1", "USD": "-2"}}
+    assert error.status == 422
+
+
+@pytest.mark.parametrize("count", [0, 1, LEGS_PER_TRANSACTION_MAX + 1])
+def test_a_transaction_has_two_legs_up_to_the_limit(world, count):
+    pairs = [("platform:cash", "USD", 1), ("platform:fees", "USD", -1)] * (count // 2 + 1)
+    rejected(
+        InvalidTransaction,
+        rf"^transaction bad has {count} legs; 2\.\.1000 allowed$",
+        "invalid_transaction",
+        legs=legs(*pairs[:count]),
+    )
+
+
+def test_a_transaction_with_the_maximum_number_of_legs_posts(world):
+    pairs = [("platform:cash", "USD", 1), ("platform:fees", "USD", -1)] * (
+        LEGS_PER_TRANSACTION_MAX // 2
+    )
+    posted = transaction_post(idempotency_key="wide", legs=legs(*pairs))
+    assert Posting.objects.filter(transaction_id=posted.transaction_id).count() == 1000
+    assert stored_balances()[("platform:cash", "USD")] == 500
+    assert_books_hold()
+
+
+def test_unknown_accounts_are_named(world):
+    error = rejected(
+        UnknownAccount,
+        r"^unknown accounts: nobody:a, nobody:b$",
+        "unknown_account",
+        legs=legs(("nobody:b", "USD", 5), ("nobody:a", "USD", -3), ("platform:fees", "USD", -2)),
+    )
+    assert error.extra == {"accounts": ["nobody:a", "nobody:b"]}
+    assert error.status == 422
+
+
+def test_unknown_assets_are_named(world):
+    error = rejected(
+        UnknownAsset,
+        r"^unknown assets: XYZ$",
+        "unknown_asset",
+        legs=legs(("platform:cash", "XYZ", 5), ("platform:fees", "XYZ", -5)),
+    )
+    assert error.extra == {"assets": ["XYZ"]}
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"idempotency_key": ""}, r"^idempotency key must be 1\.\.200 characters$"),
+        ({"idempotency_key": "k" * 201}, r"^idempotency key must be 1\.\.200 characters$"),
+        ({"description": "d" * 1001}, r"^description of bad is over 1000 chars$"),
+        ({"effective_at": datetime(2025, 1, 1)}, r"^effective time of bad has no time zone$"),  # noqa: DTZ001
+        ({"metadata": {"blob": "x" * 20_000}}, r"^metadata of bad is over 16384 bytes$"),
+    ],
+    ids=["empty-key", "long-key", "long-description", "naive-time", "big-metadata"],
+)
+def test_entry_limits(world, entry, message):
+    rejected(InvalidTransaction, message, "invalid_transaction", **entry)
+
+
+def test_a_key_of_the_maximum_length_posts(world):
+    posted = transaction_post(idempotency_key="k" * 200, legs=legs(*SALE))
+    assert posted.created
+
+
+# --- reversal ----------------------------------------------------------------------
+
+
+def test_reversal_restores_every_balance_and_is_linked_to_the_original(world):
+    transfer("base", "platform:cash", "enterprise:acme:credit", 1_000)
+    before = stored_balances()
+    original = transaction_post(
+        idempotency_key="usage-1",
+        description="usage",
+        legs=legs(
+            ("enterprise:acme:credit", "USD", 300),
+            ("provider:p1:payable", "USD", -270),
+            ("platform:fees", "USD", -30),
+            ("platform:cash", "TOK", 5_000),
+            ("provider:p1:payable", "TOK", -5_000),
+        ),
+    )
+    reversal = transaction_reverse(transaction_id=original.transaction_id, idempotency_key="rev-1")
+    assert reversal.created
+    tx = Transaction.objects.get(pk=reversal.transaction_id)
+    assert tx.reverses_id == original.transaction_id
+    assert tx.description == f"Reversal of #{original.transaction_id}: usage"
+    assert Transaction.objects.get(pk=original.transaction_id).reversed_by == tx
+    assert postings_of(tx.pk) == sorted(
+        (a, s, -n) for a, s, n in postings_of(original.transaction_id)
+    )
+    after = stored_balances()
+    assert {k: v for k, v in after.items() if v} == {k: v for k, v in before.items() if v}
+    assert after[("provider:p1:payable", "TOK")] == 0
+    assert_books_hold()
+
+
+def test_reversal_replayed_with_its_key_returns_it_and_a_second_reversal_is_refused(world):
+    original = transfer("sale", "platform:cash", "platform:fees", 500)
+    first = transaction_reverse(transaction_id=original.transaction_id, idempotency_key="rev-1")
+    before = books_state()
+    again = transaction_reverse(transaction_id=original.transaction_id, idempotency_key="rev-1")
+    assert (again.transaction_id, again.created) == (first.transaction_id, False)
+    with pytest.raises(
+        AlreadyReversed, match=rf"^transaction {original.transaction_id} is already reversed$"
+    ) as info:
+        transaction_reverse(transaction_id=original.transaction_id, idempotency_key="rev-2")
+    assert (info.value.code, info.value.status) == ("already_reversed", 409)
+    assert info.value.extra == {"transaction_id": original.transaction_id}
+    assert books_state() == before
+    assert_books_hold()
+
+
+def test_reversal_of_a_reversal_restores_the_original_balances(world):
+    original = transaction_post(
+        idempotency_key="orig",
+        legs=legs(
+            ("platform:cash", "USD", 700),
+            ("platform:fees", "USD", -700),
+            ("enterprise:acme:credit", "TOK", 9),
+            ("provider:p1:payable", "TOK", -9),
+        ),
+    )
+    with_original = stored_balances()
+    reversal = transaction_reverse(transaction_id=original.transaction_id, idempotency_key="r1")
+    assert set(stored_balances().values()) == {0}
+    again = transaction_reverse(transaction_id=reversal.transaction_id, idempotency_key="r2")
+    assert stored_balances() == with_original
+    assert Transaction.objects.get(pk=again.transaction_id).reverses_id == reversal.transaction_id
+    assert_books_hold()
+
+
+def test_reversing_a_missing_transaction_is_refused(world):
+    with pytest.raises(InvalidTransaction, match=r"^transaction 999999 does not exist$"):
+        transaction_reverse(transaction_id=999_999, idempotency_key="rev")
+    assert Transaction.objects.count() == 0
+
+
+def test_an_entry_that_claims_to_reverse_a_transaction_must_negate_it(world):
+    """A linked reversal that does not negate its original is what ledger_verify rejects.
+
+    The service is the one way in, so it must refuse to write books that verify calls wrong.
+    """
+    original = transfer("sale", "platform:cash", "platform:fees", 500)
+    before = books_state()
+    bogus = Entry(
+        idempotency_key="fake-reversal",
+        legs=legs(("platform:fees", "USD", 1), ("platform:cash", "USD", -1)),
+        reverses_id=original.transaction_id,
+    )
+    with pytest.raises(InvalidTransaction, match=r"does not negate|reverses"):
+        transactions_post(entries=[bogus])
+    assert books_state() == before
+    assert_books_hold()
+
+
+# --- assets and accounts ---------------------------------------------------------------
+
+
+def test_asset_create_is_idempotent_and_the_scale_is_part_of_the_identity(world):
+    assert asset_create(code="USD", scale=2).pk == world["usd"].pk
+    with pytest.raises(IdempotencyConflict, match=r"^asset USD exists with scale 2, not 12$"):
+        asset_create(code="USD", scale=12)
+    for scale in (-1, 25):
+        with pytest.raises(InvalidTransaction, match=rf"^asset scale {scale} is outside 0\.\.24$"):
+            asset_create(code="EUR", scale=scale)
+    assert asset_create(code="EUR", scale=24).scale == 24
+
+
+def test_account_open_is_idempotent_and_the_kind_is_part_of_the_identity(world):
+    assert account_open(code="platform:cash", kind="asset").pk == world["cash"].pk
+    with pytest.raises(
+        IdempotencyConflict, match=r"^account platform:cash exists as asset, not liability$"
+    ) as info:
+        account_open(code="platform:cash", kind=AccountKind.LIABILITY)
+    assert info.value.extra == {"account": "platform:cash"}
+
+
+# --- periods -------------------------------------------------------------------------
+
+
+def test_period_open_is_a_utc_calendar_month_and_idempotent(world):
+    december = period_open(year=2024, month=12)
+    assert (december.starts_at, december.ends_at) == (
+        datetime(2024, 12, 1, tzinfo=UTC),
+        datetime(2025, 1, 1, tzinfo=UTC),
+    )
+    assert period_open(year=2024, month=12).pk == december.pk
+    february = period_open(year=2024, month=2)
+    assert february.ends_at - february.starts_at == timedelta(days=29)
+    assert Period.objects.count() == 2
+
+
+def test_period_close_records_who_and_when_and_is_idempotent(world):
+    users = get_user_model().objects
+    alice = users.create_user("alice")
+    bob = users.create_user("bob")
+    period = period_open(year=2024, month=6)
+    assert period.status == PeriodStatus.OPEN
+    before = datetime.now(tz=UTC)
+    closed = period_close(period_id=period.pk, closed_by_id=alice.pk, note="June done")
+    stored = Period.objects.get(pk=period.pk)
+    assert (stored.status, stored.closed_by_id, stored.close_note) == (
+        "closed",
+        alice.pk,
+        "June done",
+    )
+    assert before <= stored.closed_at <= datetime.now(tz=UTC)
+    assert closed.closed_at == stored.closed_at
+    # Closing again changes nothing: not the closer, not the time, not the note.
+    again = period_close(period_id=period.pk, closed_by_id=bob.pk, note="again")
+    assert (again.closed_by_id, again.closed_at, again.close_note) == (
+        alice.pk,
+        stored.closed_at,
+        "June done",
+    )
+    assert Period.objects.get(pk=period.pk).closed_by_id == alice.pk
+
+
+def test_closing_a_period_leaves_the_neighbouring_periods_open_to_postings(world):
+    june = period_open(year=2024, month=6)
+    period_open(year=2024, month=7)
+    period_close(period_id=june.pk, closed_by_id=None)
+    last_may = datetime(2024, 6, 1, tzinfo=UTC) - timedelta(microseconds=1)
+    first_july = datetime(2024, 7, 1, tzinfo=UTC)
+    assert transfer("may", "platform:cash", "platform:fees", 1, effective_at=last_may).created
+    assert transfer("july", "platform:cash", "platform:fees", 1, effective_at=first_july).created
+    assert_books_hold()
+
+
+# --- replay and conflict after real commits ------------------------------------------
+
+
+@committing_db
+def test_replay_and_conflict_after_the_original_committed():
+    chart()
+    first = transfer("sale-1", "platform:cash", "platform:fees", 500)
+    before = books_state()
+    again = transfer("sale-1", "platform:cash", "platform:fees", 500)
+    assert (again.transaction_id, again.created) == (first.transaction_id, False)
+    with pytest.raises(IdempotencyConflict, match=r"^idempotency key sale-1 was already posted"):
+        transfer("sale-1", "platform:cash", "platform:fees", 501)
+    assert books_state() == before
+    assert_books_hold()
+
+
+def test_effective_time_in_another_zone_is_stored_as_the_same_instant(world):
+    tokyo = datetime(2025, 2, 1, 9, 0, tzinfo=timezone(timedelta(hours=9)))
+    posted = transfer("tokyo", "platform:cash", "platform:fees", 1, effective_at=tokyo)
+    tx = Transaction.objects.get(pk=posted.transaction_id)
+    assert tx.effective_at == datetime(2025, 2, 1, 0, 0, tzinfo=UTC)
+    assert {p.effective_at for p in tx.postings.all()} == {tx.effective_at}
