@@ -32,17 +32,40 @@ ENTERPRISE_PATTERN = r"^[A-Za-z0-9_-]+$"
 MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$"
 NO_NUL_PATTERN = r"^[^\x00]*$"
 
-ReportId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=REPORT_ID_PATTERN)]
-RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=REQUEST_ID_PATTERN)]
-EnterpriseSlug = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=100, pattern=ENTERPRISE_PATTERN)
+
+def python_pattern(pattern: str) -> str:
+    """Return `pattern` with its final `$` as `\\Z`: in Python, unlike in the ECMAScript
+    regexes of OpenAPI, `$` also matches before a trailing newline."""
+    assert pattern.endswith("$")
+    return pattern[:-1] + r"\Z"
+
+
+REPORT_ID_MAX_LENGTH = 128
+ReportId = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1, max_length=REPORT_ID_MAX_LENGTH, pattern=python_pattern(REPORT_ID_PATTERN)
+    ),
 ]
-ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=MODEL_PATTERN)]
+RequestId = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=200, pattern=python_pattern(REQUEST_ID_PATTERN))
+]
+EnterpriseSlug = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=100, pattern=python_pattern(ENTERPRISE_PATTERN))
+]
+ModelName = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=200, pattern=python_pattern(MODEL_PATTERN))
+]
 TokenCount = Annotated[int, msgspec.Meta(ge=0, le=TOKENS_PER_RECORD_MAX)]
 AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
-MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL_PATTERN)]
+MetadataKey = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=64, pattern=python_pattern(NO_NUL_PATTERN))
+]
 MetadataValue = (
-    Annotated[str, msgspec.Meta(max_length=512, pattern=NO_NUL_PATTERN)] | int | bool | None
+    Annotated[str, msgspec.Meta(max_length=512, pattern=python_pattern(NO_NUL_PATTERN))]
+    | int
+    | bool
+    | None
 )
 Metadata = Annotated[dict[MetadataKey, MetadataValue], msgspec.Meta(max_length=METADATA_KEYS_MAX)]
 ServiceTierName = Literal["standard", "batch", "priority", "flex"]

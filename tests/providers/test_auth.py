@@ -288,3 +288,13 @@ def test_the_rate_is_counted_per_key(post, settings, node) -> None:
     assert statuses == [201, 201, 429]
     assert other.status_code == 201
     assert stored() == (3, 3, 0)
+
+
+@pytest.mark.parametrize("report_id", ["bad%00id", "bad%0A", "x" * 129])
+def test_an_id_that_cannot_exist_is_404(key_text: str, report_id: str) -> None:
+    response = Client().get(
+        f"{factories.REPORTS_URL}/{report_id}", HTTP_AUTHORIZATION=f"Bearer {key_text}"
+    )
+
+    assert response.status_code == 404
+    assert response.json()["code"] == "not_found"
