@@ -1,0 +1,232 @@
+"""Reads of the books against a brute-force sum of postings.
+
+The point-in-time balance (ledger/selectors.py) is computed from the running balance
+stored on each posting plus the postings recorded after the instant but effective at
+or before it. The scenario below posts, with real commits, transactions whose effective
+times are out of order with their recording: current ones, ones back-dated by less
+than BACKDATED_LAG, by a little more, and by an hour; then it compares every balance at
+every instant that matters with the sum of postings effective at or before it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from datetime import datetime, timedelta
+
+import pytest
+
+from ledger.models import Account, Asset, Posting
+from ledger.selectors import (
+    BACKDATED_LAG,
+    account_history,
+    balance_as_of,
+    balance_get,
+    normal_balance,
+    trial_balance,
+)
+from ledger.services import transaction_post
+from tests.ledger.factories import (
+    assert_books_hold,
+    asset_totals,
+    chart,
+    committing_db,
+    db_now,
+    legs,
+    nonzero,
+    posting_sums,
+    stored_balances,
+    transfer,
+)
+
+ACCOUNTS = ("platform:cash", "platform:fees", "enterprise:acme:credit", "provider:p1:payable")
+US = timedelta(microseconds=1)
+
+
+def post_random(rng: random.Random, key: str, effective_at: datetime | None) -> None:
+    a, b, c = rng.sample(ACCOUNTS, 3)
+    usd, tok = rng.randint(1, 10**6), rng.randint(1, 10**4)
+    transaction_post(
+        idempotency_key=key,
+        effective_at=effective_at,
+        legs=legs((a, "USD", usd), (b, "USD", -usd), (c, "TOK", tok), (a, "TOK", -tok)),
+    )
+
+
+def instants_that_matter(rng: random.Random, count: int) -> list[datetime]:
+    """Return `count` of: every posting's effective and recorded time (and recorded minus
+    the lag), a microsecond either side, midpoints between them; plus the extremes."""
+    times: set[datetime] = set()
+    for effective_at, recorded_at in Posting.objects.values_list("effective_at", "recorded_at"):
+        for t in (effective_at, recorded_at, recorded_at - BACKDATED_LAG):
+            times.update((t - US, t, t + US))
+    ordered = sorted(times)
+    between = {a + (b - a) / 2 for a, b in itertools.pairwise(ordered)}
+    sample = rng.sample(sorted(times | between), count)
+    return sorted({*sample, ordered[0] - timedelta(days=1), db_now()})
+
+
+@committing_db
+def test_balance_as_of_equals_the_sum_of_postings_effective_by_then_at_every_instant():
+    w = chart()
+    rng = random.Random(20260101)
+    hour_ago = db_now() - timedelta(hours=1)
+    # Old history, posted in shuffled effective order.
+    offsets = list(range(10))
+    rng.shuffle(offsets)
+    for i in offsets:
+        post_random(rng, f"old-{i}", hour_ago + timedelta(minutes=3 * i))
+    # Current traffic interleaved with late arrivals dated back by less and more than the lag.
+    for i in range(12):
+        post_random(rng, f"now-{i}", None)
+        lag_s = (0.05, 0.6, 0.99, 1.01, 1.5, 30.0)[i % 6]
+        post_random(rng, f"late-{i}", db_now() - timedelta(seconds=lag_s))
+        time.sleep(0.02)
+    instants = instants_that_matter(rng, 400)
+    assert len(instants) == 402
+    postings = list(Posting.objects.values_list("account_id", "asset_id", "effective_at", "amount"))
+    assert len(postings) == 34 * 4
+    pairs = [(acc, ass) for acc in Account.objects.all() for ass in Asset.objects.all()]
+    mismatches = []
+    for at in instants:
+        for account, asset in pairs:
+            got = balance_as_of(account_id=account.id, asset_id=asset.id, at=at)
+            want = sum(n for a, s, e, n in postings if (a, s) == (account.id, asset.id) and e <= at)
+            if got != want:
+                mismatches.append((at.isoformat(), account.code, asset.code, got, want))
+    assert mismatches == []
+    # Now, balance_as_of agrees with the O(1) current balance.
+    now = db_now()
+    for account, asset in pairs:
+        assert balance_as_of(account_id=account.id, asset_id=asset.id, at=now) == balance_get(
+            account_id=account.id, asset_id=asset.id
+        )
+    assert balance_get(account_id=w["cash"].id, asset_id=w["usd"].id) == posting_sums().get(
+        ("platform:cash", "USD"), 0
+    )
+    assert_books_hold()
+
+
+@pytest.mark.django_db
+def test_balance_get_is_the_sum_of_postings_and_zero_when_nothing_was_posted():
+    w = chart()
+    assert balance_get(account_id=w["cash"].id, asset_id=w["usd"].id) == 0
+    amounts = [5, 17, -3, 250, -1000, 1]
+    for i, n in enumerate(amounts):
+        transfer(f"t-{i}", "platform:cash", "platform:fees", n)
+    assert balance_get(account_id=w["cash"].id, asset_id=w["usd"].id) == sum(amounts) == -730
+    assert balance_get(account_id=w["fees"].id, asset_id=w["usd"].id) == 730
+    assert balance_get(account_id=w["cash"].id, asset_id=w["tok"].id) == 0
+    assert stored_balances() == posting_sums()
+
+
+@pytest.mark.django_db
+def test_balance_as_of_before_everything_is_zero_and_ignores_other_accounts_and_assets():
+    w = chart()
+    start = db_now()
+    transfer("a", "platform:cash", "platform:fees", 10, effective_at=start - timedelta(days=2))
+    transfer("b", "platform:cash", "enterprise:acme:credit", 7, "TOK")
+    cash, usd, tok = w["cash"].id, w["usd"].id, w["tok"].id
+    assert balance_as_of(account_id=cash, asset_id=usd, at=start - timedelta(days=3)) == 0
+    assert balance_as_of(account_id=cash, asset_id=usd, at=start - timedelta(days=1)) == 10
+    assert balance_as_of(account_id=cash, asset_id=tok, at=start - timedelta(days=1)) == 0
+    assert balance_as_of(account_id=cash, asset_id=tok, at=db_now()) == 7
+
+
+@pytest.mark.django_db
+def test_trial_balance_sums_to_zero_per_asset_now_and_as_of_a_past_instant():
+    chart()
+    now = db_now()
+    transfer(
+        "old",
+        "platform:cash",
+        "enterprise:acme:credit",
+        1_000,
+        effective_at=now - timedelta(days=10),
+    )
+    transfer(
+        "fee", "enterprise:acme:credit", "platform:fees", 30, effective_at=now - timedelta(days=5)
+    )
+    transfer("tok", "enterprise:acme:credit", "provider:p1:payable", 9, "TOK")
+    transfer("pay", "provider:p1:payable", "platform:cash", 400)
+
+    rows = trial_balance()
+    assert [(r.asset, r.scale, r.account, r.kind, r.balance) for r in rows] == [
+        ("TOK", 0, "enterprise:acme:credit", "liability", 9),
+        ("TOK", 0, "provider:p1:payable", "liability", -9),
+        ("USD", 2, "enterprise:acme:credit", "liability", -970),
+        ("USD", 2, "platform:cash", "asset", 600),
+        ("USD", 2, "platform:fees", "income", -30),
+        ("USD", 2, "provider:p1:payable", "liability", 400),
+    ]
+    assert {r.account: (r.debit, r.credit) for r in rows if r.asset == "USD"} == {
+        "enterprise:acme:credit": (0, 970),
+        "platform:cash": (600, 0),
+        "platform:fees": (0, 30),
+        "provider:p1:payable": (400, 0),
+    }
+    assert asset_totals({(r.account, r.asset): r.balance for r in rows}) == {"TOK": 0, "USD": 0}
+
+    past = trial_balance(at=now - timedelta(days=7))
+    assert [(r.asset, r.account, r.balance) for r in past] == [
+        ("USD", "enterprise:acme:credit", -1_000),
+        ("USD", "platform:cash", 1_000),
+    ]
+    assert sum(r.debit for r in past) == sum(r.credit for r in past) == 1_000
+    for at in (
+        now - timedelta(days=11),
+        now - timedelta(days=5),
+        now - timedelta(days=4),
+        db_now(),
+    ):
+        as_of = {(r.account, r.asset): r.balance for r in trial_balance(at=at)}
+        assert as_of == nonzero(posting_sums(at=at))
+        assert set(asset_totals(as_of).values()) <= {0}
+    assert trial_balance(at=now - timedelta(days=11)) == []
+
+
+@pytest.mark.django_db
+def test_account_history_gives_the_running_balance_in_effective_order():
+    w = chart()
+    now = db_now()
+    day = timedelta(days=1)
+    # Posted out of effective order: the history is read in effective order.
+    transfer("d3", "platform:cash", "platform:fees", 300, effective_at=now - 3 * day)
+    transfer("d9", "platform:cash", "platform:fees", 900, effective_at=now - 9 * day)
+    transfer("d5", "platform:fees", "platform:cash", 50, effective_at=now - 5 * day)
+    transfer("d1", "platform:cash", "platform:fees", 10, effective_at=now - day)
+    transfer("d4", "platform:cash", "platform:fees", 4, effective_at=now - 4 * day)
+
+    history = account_history(
+        account_id=w["cash"].id, asset_id=w["usd"].id, since=now - 6 * day, until=now - day
+    )
+    assert history.opening_balance == 900
+    assert [(r.idempotency_key, r.amount, r.running_balance) for r in history.rows] == [
+        ("d5", -50, 850),
+        ("d4", 4, 854),
+        ("d3", 300, 1154),
+    ]
+    assert not history.truncated
+    assert history.rows[-1].running_balance == balance_as_of(
+        account_id=w["cash"].id, asset_id=w["usd"].id, at=now - day - US
+    )
+    assert [r.effective_at for r in history.rows] == [now - 5 * day, now - 4 * day, now - 3 * day]
+
+    limited = account_history(
+        account_id=w["cash"].id, asset_id=w["usd"].id, since=now - 10 * day, until=now, limit=2
+    )
+    assert limited.opening_balance == 0
+    assert [(r.idempotency_key, r.running_balance) for r in limited.rows] == [
+        ("d9", 900),
+        ("d5", 850),
+    ]
+    assert limited.truncated
+
+
+@pytest.mark.parametrize(
+    ("kind", "balance", "expected"),
+    [("asset", 5, 5), ("expense", -5, -5), ("memo", 7, 7), ("liability", -5, 5), ("income", 3, -3)],
+)
+def test_normal_balance_reads_credits_as_positive_for_credit_normal_kinds(kind, balance, expected):
+    assert normal_balance(kind=kind, balance=balance) == expected
