@@ -258,7 +258,10 @@ SELECT %s, %s, %s, {_STAGING_COLUMNS} FROM providers_usage_staging ORDER BY requ
 ON CONFLICT (provider_id, request_id) DO NOTHING
 """
 # A separate statement (not a CTE of the insert) so it sees rows that concurrent
-# reports committed while the insert waited on them.
+# reports committed while the insert waited on them. LATERAL with OFFSET 0 (which keeps
+# the planner from flattening it) makes it one index probe per staged record: a plain
+# join lets the planner (no statistics on the temp table) scan every record of the
+# provider, which grows without bound.
 _CONFLICTS_INSERT_SQL = """
 INSERT INTO providers_usageconflict (report_id, request_id, existing_record_id, incoming,
   created_at)
@@ -269,7 +272,10 @@ SELECT %s, s.request_id, r.id, jsonb_build_object(
     'cache_write_tokens', s.cache_write_tokens, 'reasoning_tokens', s.reasoning_tokens,
     'service_tier', s.service_tier, 'metadata', s.metadata), %s
 FROM providers_usage_staging s
-JOIN providers_usagerecord r ON r.provider_id = %s AND r.request_id = s.request_id
+CROSS JOIN LATERAL (
+  SELECT id, report_id, content_sha256 FROM providers_usagerecord
+  WHERE provider_id = %s AND request_id = s.request_id OFFSET 0
+) r
 WHERE r.report_id <> %s AND r.content_sha256 <> s.content_sha256
 """
 _REPORT_FINISH_SQL = """
@@ -380,8 +386,12 @@ def usage_report_ingest(*, key: NodeApiKey, body: bytes, signature: str | None) 
                 copy.write_row(row)
         cursor.execute(_RECORDS_INSERT_SQL, [report_pk, node.provider_id, node.pk])
         accepted = cursor.rowcount
-        cursor.execute(_CONFLICTS_INSERT_SQL, [report_pk, received_at, node.provider_id, report_pk])
-        conflicts = cursor.rowcount
+        conflicts = 0
+        if accepted < len(prepared.rows):  # only then can there be duplicates or conflicts
+            cursor.execute(
+                _CONFLICTS_INSERT_SQL, [report_pk, received_at, node.provider_id, report_pk]
+            )
+            conflicts = cursor.rowcount
         duplicates = len(prepared.rows) - accepted - conflicts
         assert duplicates >= 0, (accepted, conflicts)
         response_body = msgspec.json.encode(
