@@ -520,8 +520,9 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         "client_serialise_ms_p50": _percentile_ms(serialise_s, 50),
         "client_serialise_share": round(sum(serialise_s) / (sum(serialise_s) + sum(latency_s)), 3),
         "cpu_s": cpu,
-        # The machine is shared: what this stack would reach with the cores to itself,
-        # from the CPU it used (clients, gunicorn, its PostgreSQL backends).
+        # The machine is shared, so wall-clock rates move with other work. Records per
+        # CPU second this stack used (clients, gunicorn, its PostgreSQL backends) does
+        # not; times the cores it is the ceiling with the machine to itself.
         "records_per_own_cpu_s": round(records / own_cpu_s) if own_cpu_s else None,
         "replay_cpu_s": _cpu_breakdown(cpu_1, cpu_2, sum(out["replay_cpu_s"] for out in outs)),
         "server_in_process_ms": in_process_ms,
