@@ -104,7 +104,7 @@ class UsageClientError(Exception):
     """Base of every error this client raises."""
 
 
-class UsageReportRejected(UsageClientError):  # noqa: N818 (the name providers know)
+class UsageReportRejected(UsageClientError):
     """The server refused the report with a 4xx; retrying the same bytes cannot help.
 
     Attributes:
