@@ -1,6 +1,6 @@
 """A scratch database for benchmarks: created fresh, migrated, dropped afterwards.
 
-`bench` never touches the database DATABASE_URL names; it creates `<name>_bench`
+`bench` never touches the database DATABASE_URL names; it creates `<name>_bench_<pid>`
 beside it on the same server, points Django's connection at it, and drops it at the
 end (unless --keep).
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from collections.abc import Iterator
 
 import psycopg
@@ -40,7 +41,7 @@ def scratch_url(name: str) -> str:
 def scratch_database(*, keep: bool = False) -> Iterator[str]:
     """Create and migrate a fresh database; yield its URL with Django pointed at it."""
     original = settings.DATABASES["default"]["NAME"]
-    name = f"{original}_bench"
+    name = f"{original}_bench_{os.getpid()}"  # concurrent benches never share one
     connections.close_all()
     with psycopg.connect(_admin_conninfo(), autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.core.management.base import CommandParser
-from django.db import connection
+from django.db import connection, transaction
 
 if TYPE_CHECKING:
     from multiprocessing.queues import Queue
@@ -94,6 +94,7 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         figures = _machine()
         figures["scratch_database"] = url.rsplit("/", 1)[-1]
         _setup()
+        figures.update(_bench_baseline(int(sizes["single_tx"])))
         figures.update(_bench_single(int(sizes["single_tx"])))
         figures.update(_bench_batched(int(sizes["batched_tx"])))
         figures.update(_bench_hot(processes, float(sizes["duration_s"])))
@@ -106,6 +107,7 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
             cursor.execute("SELECT count(*) FROM ledger_posting")
             figures["postings_total"] = int(cursor.fetchone()[0])
         figures["balances_consistent"] = _balances_consistent()
+        figures["load_average_1m_end"] = round(os.getloadavg()[0], 2)
     return figures
 
 
@@ -129,6 +131,7 @@ def _machine() -> dict[str, Any]:
     return {
         "cpu_count": os.cpu_count(),
         "machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
+        "load_average_1m_start": round(os.getloadavg()[0], 2),
         "postgres_version": version,
         "postgres_synchronous_commit": synchronous_commit,
         "database_host": str(connection.settings_dict.get("HOST") or "local socket"),
@@ -149,6 +152,25 @@ def _setup() -> None:
     )
     for code in codes:
         account_open(code=code, kind="asset")
+
+
+def _bench_baseline(count: int) -> dict[str, Any]:
+    """Measure the commit rate of the same stack without the ledger: the ceiling here."""
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE bench_baseline (id bigserial PRIMARY KEY, a bigint, b bigint)")
+    started = time.perf_counter()
+    for i in range(count):
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO bench_baseline (a, b) VALUES (%s, %s), (%s, %s)", [i, 1, i, -1]
+            )
+    elapsed_s = time.perf_counter() - started
+    return {
+        "baseline_commit_tx_per_s": round(count / elapsed_s),
+        "baseline_method": f"1 process, {count} x (INSERT of 2 rows into a plain table + "
+        f"COMMIT) through the same Django connection: no ledger code, no "
+        f"triggers; the commit ceiling of this server at this moment",
+    }
 
 
 def _transfer(key: str, debit: str, credit: str, amount: int, at: datetime | None) -> Entry:

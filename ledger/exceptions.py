@@ -65,6 +65,11 @@ class IdempotencyConflict(LedgerError):
     status = 409
 
 
+class ReversalMismatch(LedgerError):
+    code = "reversal_mismatch"
+    status = 422
+
+
 class ConcurrentPosting(LedgerError):
     """Another poster held the same key and rolled back: posting again can succeed."""
 
@@ -101,6 +106,7 @@ SQLSTATE_ERRORS: dict[str, type[LedgerError]] = {
     "TL005": BalanceWriteRefused,
     "TL006": FutureEffectiveTime,
     "TL007": FixedColumn,
+    "TL008": ReversalMismatch,
 }
 
 

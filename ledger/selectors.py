@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 from django.db import connection
@@ -239,8 +238,14 @@ def journal_rows(
 
 
 def format_amount(amount: int, scale: int) -> str:
-    """Return `amount` smallest units as an exact decimal string, e.g. 1234, 2 -> '12.34'."""
-    return f"{Decimal(amount).scaleb(-scale):f}" if scale else str(amount)
+    """Return `amount` smallest units as an exact decimal string, e.g. 1234, 2 -> '12.34'.
+
+    Integer arithmetic, not Decimal: a Decimal context rounds past 28 digits.
+    """
+    if scale == 0:
+        return str(amount)
+    whole, fraction = divmod(abs(amount), 10**scale)
+    return f"{'-' if amount < 0 else ''}{whole}.{fraction:0{scale}d}"
 
 
 def normal_balance(*, kind: str, balance: int) -> int:

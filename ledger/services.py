@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,6 +46,7 @@ from ledger.models import (
     Asset,
     Period,
     PeriodStatus,
+    Posting,
     Transaction,
 )
 
@@ -127,7 +128,10 @@ def _content_hash(entry: Entry) -> str:
     content = {
         "legs": sorted((leg.account, leg.asset, leg.amount) for leg in entry.legs),
         "description": entry.description,
-        "effective_at": entry.effective_at.isoformat() if entry.effective_at else None,
+        # An instant, whatever time zone the caller spelled it in.
+        "effective_at": entry.effective_at.astimezone(UTC).isoformat()
+        if entry.effective_at
+        else None,
         "metadata": entry.metadata,
         "reverses": entry.reverses_id,
     }
@@ -169,6 +173,36 @@ def _validate(entry: Entry) -> None:
             + ", ".join(f"{asset} sums to {total}" for asset, total in sorted(unbalanced.items())),
             extra={"idempotency_key": key, "sums": {a: str(t) for a, t in unbalanced.items()}},
         )
+
+
+def _net_legs(legs: Iterable[tuple[str, str, int]]) -> dict[tuple[str, str], int]:
+    net: defaultdict[tuple[str, str], int] = defaultdict(int)
+    for account, asset, amount in legs:
+        net[(account, asset)] += amount
+    return {key: amount for key, amount in net.items() if amount != 0}
+
+
+def _check_reversals(entries: Sequence[Entry]) -> None:
+    """Assert each reversal negates its original, leg for leg (the database checks too)."""
+    if not entries:
+        return
+    originals: defaultdict[int, list[tuple[str, str, int]]] = defaultdict(list)
+    rows = Posting.objects.filter(transaction_id__in={e.reverses_id for e in entries})
+    for tx_id, account, asset, amount in rows.values_list(
+        "transaction_id", "account__code", "asset__code", "amount"
+    ):
+        originals[tx_id].append((account, asset, -int(amount)))
+    for entry in entries:
+        assert entry.reverses_id is not None
+        if entry.reverses_id not in originals:
+            raise InvalidTransaction(f"transaction {entry.reverses_id} does not exist")
+        given = _net_legs((leg.account, leg.asset, leg.amount) for leg in entry.legs)
+        if given != _net_legs(originals[entry.reverses_id]):
+            raise InvalidTransaction(
+                f"transaction {entry.idempotency_key} reverses #{entry.reverses_id} "
+                "but does not negate it",
+                extra={"idempotency_key": entry.idempotency_key},
+            )
 
 
 @contextmanager
@@ -220,6 +254,7 @@ def transactions_post(*, entries: Sequence[Entry]) -> list[Posted]:
         raise InvalidTransaction(f"idempotency keys repeated within one batch: {duplicates[:5]}")
     for entry in entries:
         _validate(entry)
+    _check_reversals([e for e in entries if e.reverses_id is not None])
     hashes = {e.idempotency_key: _content_hash(e) for e in entries}
     try:
         posted = _post(entries, hashes)

@@ -10,6 +10,7 @@ rule fired (ledger/exceptions.py maps them):
   TL005  balances are written only by the posting trigger
   TL006  effective time in the future
   TL007  a closed period cannot be reopened or moved; asset and account codes are fixed
+  TL008  a reversal does not negate the transaction it reverses
 
 Balancing is one deferred constraint trigger per *transaction* row, which sums that
 transaction's postings once at commit (linear in legs; django-hordak's per-posting
@@ -127,7 +128,8 @@ CREATE TRIGGER ledger_balance_guard BEFORE INSERT OR UPDATE OR DELETE ON ledger_
 CREATE TRIGGER ledger_balance_no_truncate BEFORE TRUNCATE ON ledger_balance
   FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse_change();
 
--- TL001: at commit, each new transaction balances per asset and has two legs or more.
+-- TL001, TL008: at commit, each new transaction balances per asset and has two legs or
+-- more; a reversal nets to zero with its original, account by account.
 CREATE FUNCTION ledger_transaction_check_balanced() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
   legs bigint;
@@ -148,6 +150,17 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'TL001',
       MESSAGE = format('transaction %s (%s) does not balance: asset %s sums to %s',
                        NEW.id, NEW.idempotency_key, unbalanced.code, unbalanced.total);
+  END IF;
+  IF NEW.reverses_id IS NOT NULL THEN
+    PERFORM 1 FROM ledger_posting
+     WHERE transaction_id IN (NEW.id, NEW.reverses_id)
+     GROUP BY account_id, asset_id HAVING sum(amount) <> 0
+     LIMIT 1;
+    IF FOUND THEN
+      RAISE EXCEPTION USING ERRCODE = 'TL008',
+        MESSAGE = format('transaction %s (%s) reverses %s but does not negate it',
+                         NEW.id, NEW.idempotency_key, NEW.reverses_id);
+    END IF;
   END IF;
   RETURN NULL;
 END $$;
