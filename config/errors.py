@@ -53,6 +53,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         return Response(
             error_body(exc.code, exc.message, {**exc.extra, "retryable": exc.retryable}),
             status=exc.status,
+            headers=getattr(exc, "headers", None),  # e.g. Retry-After, WWW-Authenticate
         )
     response = drf_exception_handler(exc, context)
     if response is None:
