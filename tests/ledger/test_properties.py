@@ -17,7 +17,7 @@ from collections import defaultdict
 
 import pytest
 from django.db import transaction
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ledger.exceptions import AlreadyReversed, IdempotencyConflict
@@ -77,7 +77,9 @@ class Books:
     def __init__(self) -> None:
         self.balances: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.posted: list[tuple[str, int, tuple[Leg, ...]]] = []  # key, id, legs
+        self.reverses: dict[str, int] = {}  # reversal key -> the transaction it reverses
         self.reversed: set[int] = set()
+        self.attempts = 0
 
     def apply(self, legs: tuple[Leg, ...]) -> None:
         for leg in legs:
@@ -98,7 +100,10 @@ class Books:
 
     def replay(self, index: int) -> None:
         key, tx_id, legs = self.posted[index % len(self.posted)]
-        again = transaction_post(idempotency_key=key, legs=tuple(reversed(legs)))
+        if key in self.reverses:  # a reversal is replayed the way it was made
+            again = transaction_reverse(transaction_id=self.reverses[key], idempotency_key=key)
+        else:
+            again = transaction_post(idempotency_key=key, legs=tuple(reversed(legs)))
         assert (again.transaction_id, again.created) == (tx_id, False)
 
     def conflict(self, index: int) -> None:
@@ -109,7 +114,8 @@ class Books:
 
     def reverse(self, index: int) -> None:
         _, tx_id, legs = self.posted[index % len(self.posted)]
-        key = f"rev-{tx_id}-{len(self.posted)}"
+        self.attempts += 1
+        key = f"rev-{tx_id}-{self.attempts}"
         if tx_id in self.reversed:
             with pytest.raises(AlreadyReversed, match=f"^transaction {tx_id} is already reversed$"):
                 transaction_reverse(transaction_id=tx_id, idempotency_key=key)
@@ -118,12 +124,28 @@ class Books:
         assert reversal.created
         negated = tuple(Leg(leg.account, leg.asset, -leg.amount) for leg in legs)
         self.reversed.add(tx_id)
+        self.reverses[key] = tx_id
         self.posted.append((key, reversal.transaction_id, negated))
         self.apply(negated)
 
 
+CASH_TO_CASH = (Leg("platform:cash", "USD", 1), Leg("platform:cash", "USD", -1))
+
+
 @PROPERTY_SETTINGS
 @given(operations=operations)
+# Pinned: a reversal replayed, reversed again, and a reversal of the reversal.
+@example(
+    operations=[
+        ("post", CASH_TO_CASH),
+        ("reverse", 0),
+        ("replay", 1),
+        ("reverse", 0),
+        ("conflict", 1),
+        ("reverse", 1),
+        ("replay", 2),
+    ]
+)
 def test_any_sequence_of_valid_operations_keeps_every_invariant(world, operations):
     with transaction.atomic():
         books = Books()

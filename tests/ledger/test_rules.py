@@ -83,10 +83,12 @@ def post_raw(
     return tx
 
 
-def post_orm(key: str, postings: list[tuple[Account, Asset, int]]) -> Transaction:
+def post_orm(
+    key: str, postings: list[tuple[Account, Asset, int]], reverses: Transaction | None = None
+) -> Transaction:
     """The same through the ORM: Transaction.objects.create, Posting.objects.create, commit."""
     with transaction.atomic():
-        tx = Transaction.objects.create(idempotency_key=key, content_hash="x")
+        tx = Transaction.objects.create(idempotency_key=key, content_hash="x", reverses=reverses)
         for account, asset, amount in postings:
             Posting.objects.create(transaction=tx, account=account, asset=asset, amount=amount)
     return tx
@@ -175,6 +177,61 @@ def test_translate_database_error_maps_the_rule_to_its_coded_error(world):
     )
     assert error.message.startswith("transaction ")
     assert error.message.endswith("(translated) has 1 postings; at least 2 are required")
+
+
+# --- TL008: a reversal negates its original, account by account -------------------
+
+
+def post_raw_reversal(key: str, reverses_id: int, postings: list[tuple[int, int, int]]) -> int:
+    """Insert a transaction linked as the reversal of `reverses_id`, with postings; commit."""
+    with transaction.atomic():
+        tx = sql(
+            "INSERT INTO ledger_transaction (idempotency_key, content_hash, description, "
+            "effective_at, recorded_at, metadata, reverses_id) "
+            "VALUES (%s, 'x', '', now(), now(), '{}', %s) RETURNING id",
+            [key, reverses_id],
+        )[0][0]
+        for account_id, asset_id, amount in postings:
+            insert_posting(tx, account_id, asset_id, amount)
+    return tx
+
+
+def test_raw_sql_reversal_that_does_not_negate_its_original_is_refused_at_commit(world):
+    seed = Transaction.objects.get(idempotency_key="seed-1")  # Dr cash 10,000 / Cr credit
+    cash, fees, usd = world["cash"].id, world["fees"].id, world["usd"].id
+    # Balanced, and even the right total, but against the wrong account.
+    with refused("TL008", rf"\(raw-bad-reversal\) reverses {seed.pk} but does not negate it"):
+        post_raw_reversal("raw-bad-reversal", seed.pk, [(cash, usd, -10_000), (fees, usd, 10_000)])
+
+
+def test_raw_sql_reversal_that_negates_its_original_commits(world):
+    seed = Transaction.objects.get(idempotency_key="seed-1")
+    cash, credit, usd = world["cash"].id, world["credit"].id, world["usd"].id
+    tx = post_raw_reversal("raw-reversal", seed.pk, [(cash, usd, -10_000), (credit, usd, 10_000)])
+    assert Transaction.objects.get(pk=seed.pk).reversed_by.pk == tx
+    assert stored_balances()[("platform:cash", "USD")] == 0
+    assert_books_hold()
+
+
+def test_orm_reversal_that_does_not_negate_its_original_is_refused(world):
+    seed = Transaction.objects.get(idempotency_key="seed-1")
+    cash, credit, usd = world["cash"], world["credit"], world["usd"]
+    with refused("TL008", r"\(orm-bad-reversal\) reverses \d+ but does not negate it"):
+        post_orm("orm-bad-reversal", [(cash, usd, -1), (credit, usd, 1)], reverses=seed)
+
+
+def test_tl008_translates_to_reversal_mismatch(world):
+    seed = Transaction.objects.get(idempotency_key="seed-1")
+    cash, credit, usd = world["cash"].id, world["credit"].id, world["usd"].id
+    with pytest.raises(DatabaseError) as info:
+        post_raw_reversal("translated-reversal", seed.pk, [(cash, usd, -5), (credit, usd, 5)])
+    error = translate_database_error(info.value)
+    assert error is not None
+    assert (error.code, error.status, error.extra) == (
+        "reversal_mismatch",
+        422,
+        {"sqlstate": "TL008"},
+    )
 
 
 # --- TL002: postings and transactions are append-only --------------------------------

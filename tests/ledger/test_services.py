@@ -20,6 +20,7 @@ from ledger.exceptions import (
     IdempotencyConflict,
     InvalidTransaction,
     LedgerError,
+    PeriodClosed,
     UnbalancedTransaction,
     UnknownAccount,
     UnknownAsset,
@@ -421,9 +422,43 @@ def test_an_entry_that_claims_to_reverse_a_transaction_must_negate_it(world):
         legs=legs(("platform:fees", "USD", 1), ("platform:cash", "USD", -1)),
         reverses_id=original.transaction_id,
     )
-    with pytest.raises(InvalidTransaction, match=r"does not negate|reverses"):
+    with pytest.raises(
+        InvalidTransaction,
+        match=rf"^transaction fake-reversal reverses #{original.transaction_id} but does not "
+        "negate it$",
+    ):
         transactions_post(entries=[bogus])
     assert books_state() == before
+    assert_books_hold()
+
+
+def test_replay_of_an_entry_dated_in_a_period_closed_since_returns_it(world):
+    june = period_open(year=2024, month=6)
+    june_15 = datetime(2024, 6, 15, tzinfo=UTC)
+    first = transfer("june", "platform:cash", "platform:fees", 5, effective_at=june_15)
+    period_close(period_id=june.pk, closed_by_id=None)
+    before = books_state()
+    again = transfer("june", "platform:cash", "platform:fees", 5, effective_at=june_15)
+    assert (again.transaction_id, again.created) == (first.transaction_id, False)
+    with pytest.raises(IdempotencyConflict, match=r"^idempotency key june was already posted"):
+        transfer("june", "platform:cash", "platform:fees", 6, effective_at=june_15)
+    with pytest.raises(PeriodClosed, match=r"falls in the closed period"):
+        transfer("june-late", "platform:cash", "platform:fees", 5, effective_at=june_15)
+    assert books_state() == before
+    # A batch of that replay and a new entry dated now posts only the new one.
+    posted = transactions_post(
+        entries=[
+            Entry(
+                idempotency_key="june",
+                legs=legs(("platform:cash", "USD", 5), ("platform:fees", "USD", -5)),
+                effective_at=june_15,
+            ),
+            Entry(idempotency_key="july", legs=legs(*SALE)),
+        ]
+    )
+    assert [(p.idempotency_key, p.created) for p in posted] == [("june", False), ("july", True)]
+    assert posted[0].transaction_id == first.transaction_id
+    assert Transaction.objects.count() == 2
     assert_books_hold()
 
 
