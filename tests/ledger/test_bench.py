@@ -1,0 +1,64 @@
+"""`bench ledger` at its smallest sizes: every figure is present and of a sane type.
+
+No timing is asserted: this machine's speed is not a property of the code. The run
+itself asserts correctness (balances equal postings, point-in-time checks).
+"""
+
+import os
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from ledger import bench
+
+SMALL = {"single_tx": 20, "batched_tx": 1_500, "read_postings_small": 50,
+         "read_postings": 300, "reads": 20, "duration_s": 0.5, "processes": 2}  # fmt: skip
+
+RATES = ["post_tx_per_s", "post_tx_per_s_batched", "hot_account_tx_per_s", "read_build_tx_per_s"]
+LATENCIES_MS = [
+    f"{kind}_{p}_ms{size}"
+    for kind in ("balance_read", "pit_balance")
+    for p in ("p50", "p99")
+    for size in ("_10k", "_1m")
+] + ["balance_read_p99_ms", "pit_balance_p99_ms", "hot_account_latency_ms_p50",
+     "hot_account_latency_ms_p99"]  # fmt: skip
+METHODS = ["post_method", "post_batched_method", "hot_account_method", "read_method"]
+
+
+@pytest.mark.slow
+def test_bench_ledger_reports_every_figure(
+    django_db_blocker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A scratch name of our own: `bench` drops `<name>_bench` when it starts, and
+    # another run (or test) on the same server must not lose its database to us.
+    name = f"test_ledger_bench_{os.getpid()}"
+    monkeypatch.setitem(settings.DATABASES["default"], "NAME", name)
+    monkeypatch.setitem(connection.settings_dict, "NAME", name)
+
+    with django_db_blocker.unblock():
+        figures = bench.run({"quick": True, "keep": False, **SMALL})
+
+    for key in RATES:
+        assert isinstance(figures[key], int), key
+        assert figures[key] > 0, key
+    for key in LATENCIES_MS:
+        assert isinstance(figures[key], float), key
+        assert figures[key] >= 0, key
+    for key in METHODS:
+        assert isinstance(figures[key], str), key
+        assert figures[key], key
+    assert figures["hot_account_errors"] == 0, figures["hot_account_error_samples"]
+    assert figures["post_tx_count"] == 20
+    assert figures["post_tx_batched_count"] == 1_500
+    assert figures["read_postings_10k"] == 50
+    assert figures["read_postings_1m"] == 300
+    assert figures["balance_read_p99_ms"] == figures["balance_read_p99_ms_1m"]
+    assert figures["pit_balance_p99_ms"] == figures["pit_balance_p99_ms_1m"]
+    assert figures["balances_consistent"] is True
+    assert figures["pit_checked"] == bench.PIT_CHECKS
+    assert isinstance(figures["cpu_count"], int)
+    assert isinstance(figures["postgres_version"], str)
+    # single + batched + hot + read entries, two legs each
+    assert figures["postings_total"] == 2 * (20 + 1_500 + figures["hot_account_tx_count"] + 300)
