@@ -210,6 +210,13 @@ def _database_rules() -> Iterator[None]:
     """Turn a database rule violation into the ledger error it stands for."""
     try:
         yield
+    except IntegrityError as error:
+        if "reverses_id" in str(error):  # the unique link: one reversal per transaction
+            raise AlreadyReversed(
+                "a transaction in this batch reverses one already reversed",
+                extra={"sqlstate": "23505"},
+            ) from error
+        raise
     except DatabaseError as error:
         translated = translate_database_error(error)
         if translated is not None:
@@ -411,13 +418,11 @@ def transaction_reverse(
     )
     try:
         return transactions_post(entries=[entry])[0]
-    except IntegrityError as error:
-        if "reverses_id" in str(error):
-            raise AlreadyReversed(
-                f"transaction {transaction_id} is already reversed",
-                extra={"transaction_id": transaction_id},
-            ) from error
-        raise
+    except AlreadyReversed as error:
+        raise AlreadyReversed(
+            f"transaction {transaction_id} is already reversed",
+            extra={"transaction_id": transaction_id},
+        ) from error
 
 
 # --- periods -----------------------------------------------------------------------

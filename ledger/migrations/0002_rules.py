@@ -126,30 +126,34 @@ END $$;
 CREATE TRIGGER ledger_balance_guard BEFORE INSERT OR UPDATE OR DELETE ON ledger_balance
   FOR EACH ROW EXECUTE FUNCTION ledger_balance_guard();
 CREATE TRIGGER ledger_balance_no_truncate BEFORE TRUNCATE ON ledger_balance
-  FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse_change();
+  FOR EACH STATEMENT EXECUTE FUNCTION ledger_balance_guard();
 
 -- TL001, TL008: at commit, each new transaction balances per asset and has two legs or
 -- more; a reversal nets to zero with its original, account by account.
 CREATE FUNCTION ledger_transaction_check_balanced() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
   legs bigint;
-  unbalanced record;
+  unbalanced_asset bigint;
+  unbalanced_total numeric;
 BEGIN
-  SELECT count(*) INTO legs FROM ledger_posting WHERE transaction_id = NEW.id;
+  -- One grouped read of the transaction's legs; the asset's code only for the message.
+  SELECT coalesce(sum(g.n), 0), min(g.asset_id) FILTER (WHERE g.total <> 0)
+    INTO legs, unbalanced_asset
+    FROM (SELECT asset_id, count(*) AS n, sum(amount) AS total FROM ledger_posting
+           WHERE transaction_id = NEW.id GROUP BY asset_id) g;
   IF legs < 2 THEN
     RAISE EXCEPTION USING ERRCODE = 'TL001',
       MESSAGE = format('transaction %s (%s) has %s postings; at least 2 are required',
                        NEW.id, NEW.idempotency_key, legs);
   END IF;
-  SELECT a.code, sum(p.amount) AS total INTO unbalanced
-    FROM ledger_posting p JOIN ledger_asset a ON a.id = p.asset_id
-   WHERE p.transaction_id = NEW.id
-   GROUP BY a.code HAVING sum(p.amount) <> 0
-   LIMIT 1;
-  IF FOUND THEN
+  IF unbalanced_asset IS NOT NULL THEN
+    SELECT sum(amount) INTO unbalanced_total FROM ledger_posting
+     WHERE transaction_id = NEW.id AND asset_id = unbalanced_asset;
     RAISE EXCEPTION USING ERRCODE = 'TL001',
       MESSAGE = format('transaction %s (%s) does not balance: asset %s sums to %s',
-                       NEW.id, NEW.idempotency_key, unbalanced.code, unbalanced.total);
+                       NEW.id, NEW.idempotency_key,
+                       (SELECT code FROM ledger_asset WHERE id = unbalanced_asset),
+                       unbalanced_total);
   END IF;
   IF NEW.reverses_id IS NOT NULL THEN
     PERFORM 1 FROM ledger_posting
@@ -192,12 +196,18 @@ CREATE TRIGGER ledger_account_fixed BEFORE UPDATE ON ledger_account
 
 CREATE FUNCTION ledger_period_fixed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+  IF TG_OP = 'INSERT' THEN
+    IF NEW.status = 'closed' THEN  -- closing is an act (period_close), not a starting state
+      RAISE EXCEPTION USING ERRCODE = 'TL007', MESSAGE = 'a period is opened, then closed';
+    END IF;
+    RETURN NEW;
+  END IF;
   IF OLD.status = 'closed' THEN
     RAISE EXCEPTION USING ERRCODE = 'TL007', MESSAGE = 'a closed period cannot be changed';
   END IF;
   RETURN NEW;
 END $$;
-CREATE TRIGGER ledger_period_fixed BEFORE UPDATE ON ledger_period
+CREATE TRIGGER ledger_period_fixed BEFORE INSERT OR UPDATE ON ledger_period
   FOR EACH ROW EXECUTE FUNCTION ledger_period_fixed();
 
 CREATE FUNCTION ledger_period_refuse_delete() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -211,10 +221,10 @@ CREATE TRIGGER ledger_period_no_delete BEFORE DELETE ON ledger_period
   FOR EACH ROW EXECUTE FUNCTION ledger_period_refuse_delete();
 
 -- Point-in-time balances (ledger/selectors.py): postings recorded well after their
--- effective time are few (adjustments dated back into an open period); this index
--- finds them without scanning the account's history.
+-- effective time are few (adjustments dated back into an open period); this covering
+-- index answers them with an index-only scan, without touching the account's history.
 CREATE INDEX ledger_posting_backdated_idx
-    ON ledger_posting (account_id, asset_id, recorded_at)
+    ON ledger_posting (account_id, asset_id, effective_at) INCLUDE (recorded_at, amount)
  WHERE recorded_at - effective_at > {BACKDATED_LAG};
 """
 

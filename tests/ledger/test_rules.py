@@ -375,8 +375,7 @@ def test_raw_sql_writes_to_balances_are_refused(world):
             " VALUES (%s, %s, 1, 1, now())",
             [world["payable"].id, usd],
         )
-    # TRUNCATE goes through the append-only guard (TL002), not the balance guard.
-    with refused("TL002", r"ledger_balance is append-only: TRUNCATE refused"):
+    with refused("TL005", r"maintained by postings only: TRUNCATE refused"):
         sql("TRUNCATE ledger_balance")
 
 
@@ -579,3 +578,13 @@ def test_the_service_path_writes_exactly_what_it_was_given(world):
         )
     ) == [("platform:fees", 3), ("provider:p1:payable", -3)]
     assert_books_hold()
+
+
+def test_a_period_cannot_be_inserted_already_closed(world):
+    """Closing is an act with who and when (period_close), never a starting state."""
+    with refused("TL007", r"a period is opened, then closed"):
+        sql(
+            "INSERT INTO ledger_period (starts_at, ends_at, status, closed_at, close_note) "
+            "VALUES ('2024-01-01Z', '2024-02-01Z', 'closed', '2000-01-01Z', '')"
+        )
+    assert not Period.objects.exists()
