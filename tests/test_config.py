@@ -61,7 +61,10 @@ def test_healthz_reports_database_and_broker_ok(client):
 
 @pytest.mark.django_db
 def test_healthz_is_503_when_the_broker_is_down(client, monkeypatch):
-    monkeypatch.setattr(celery_app.conf, "broker_url", "amqp://guest:guest@127.0.0.1:1//")
+    dead_broker = "amqp://guest:guest@127.0.0.1:1//"
+    # Celery reads CELERY_BROKER_URL from the environment before its own setting.
+    monkeypatch.setenv("CELERY_BROKER_URL", dead_broker)
+    monkeypatch.setattr(celery_app.conf, "broker_url", dead_broker)
     response = client.get("/healthz")
     assert response.status_code == 503
     body = response.json()
