@@ -8,7 +8,11 @@ STAMP := $(VENV)/.installed-$(shell cksum < requirements.lock | cut -d' ' -f1)
 
 .PHONY: install run test lint typecheck check lock db db-stop clean
 
-install: $(STAMP)
+install: $(STAMP) .env.development
+
+# Local development settings for plain `python manage.py ...` in this checkout only.
+.env.development:
+	printf 'DJANGO_DEBUG=1\nDJANGO_SECRET_KEY=%s\n' "$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))')" > $@
 
 $(STAMP): requirements.lock
 	$(PYTHON) -m venv $(VENV)

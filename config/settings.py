@@ -13,6 +13,25 @@ from django.core.exceptions import ImproperlyConfigured
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
+def _load_env_file() -> None:
+    """Read KEY=VALUE lines from DJANGO_ENV_FILE (default .env.development) into os.environ.
+
+    `make` writes .env.development in a developer checkout (DEBUG on, a random secret),
+    so `python manage.py ...` works there without exports. Production has no such file
+    and sets the environment itself; variables already set always win.
+    """
+    path = Path(os.environ.get("DJANGO_ENV_FILE", BASE_DIR / ".env.development"))
+    if not path.is_file():
+        return
+    for line in path.read_text().splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key and not key.startswith("#"):
+            os.environ.setdefault(key.strip(), value.strip())
+
+
+_load_env_file()
+
+
 def _env_bool(name: str, default: bool = False) -> bool:
     value = os.environ.get(name)
     if value is None:
@@ -100,10 +119,10 @@ def _database_url() -> str:
     embedded = BASE_DIR / ".pgdata" / "DATABASE_URL"
     if embedded.exists():
         return embedded.read_text().strip()
-    raise ImproperlyConfigured(
-        "DATABASE_URL is not set and no embedded PostgreSQL is running. Set DATABASE_URL "
-        "(postgresql://user@host:5432/name) or start the embedded server with `make db`."
-    )
+    # Commands that need no database (check, makemigrations) still work; the first
+    # query fails to connect until `make db` starts the embedded server.
+    port = os.environ.get("EMBEDDED_PG_PORT", "54329")
+    return f"postgresql://postgres@127.0.0.1:{port}/tokenledger"
 
 
 DATABASES = {

@@ -16,6 +16,7 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 def _manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
+    clean["DJANGO_ENV_FILE"] = os.devnull  # production: no developer env file
     return subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=BASE_DIR,
