@@ -11,6 +11,7 @@ from django.http import HttpRequest
 from import_export.admin import ExportMixin
 
 from providers.models import (
+    USAGE_RECORD_FIELDS,
     InferenceNode,
     NodeApiKey,
     Provider,
@@ -120,18 +121,7 @@ class NodeApiKeyAdmin(admin.ModelAdmin):
 
 class UsageRecordInline(ReadOnlyAdminMixin, admin.TabularInline):
     model = UsageRecord
-    fields = [
-        "request_id",
-        "enterprise",
-        "model",
-        "occurred_at",
-        "input_tokens",
-        "output_tokens",
-        "cached_input_tokens",
-        "cache_write_tokens",
-        "reasoning_tokens",
-        "service_tier",
-    ]
+    fields = list(USAGE_RECORD_FIELDS)
     readonly_fields = fields
     extra = 0
     verbose_name_plural = f"records (first {RECORDS_INLINE_MAX}; export for all)"

@@ -193,6 +193,21 @@ TOKEN_FIELDS = (
 )
 
 
+# What one request consumed, in the order finance reads it (admin and exports).
+USAGE_RECORD_FIELDS = (
+    "request_id",
+    "enterprise",
+    "model",
+    "occurred_at",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "service_tier",
+)
+
+
 class UsageRecord(models.Model):
     """One request's usage. Append-only: never updated, never deleted.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from import_export import fields, resources
 
-from providers.models import UsageRecord
+from providers.models import USAGE_RECORD_FIELDS, UsageRecord
 
 
 class UsageRecordResource(resources.ModelResource):
@@ -14,23 +14,7 @@ class UsageRecordResource(resources.ModelResource):
 
     class Meta:
         model = UsageRecord
-        fields = (
-            "id",
-            "provider",
-            "node",
-            "report",
-            "request_id",
-            "enterprise",
-            "model",
-            "occurred_at",
-            "input_tokens",
-            "output_tokens",
-            "cached_input_tokens",
-            "cache_write_tokens",
-            "reasoning_tokens",
-            "service_tier",
-            "metadata",
-        )
+        fields = ("id", "provider", "node", "report", *USAGE_RECORD_FIELDS, "metadata")
         export_order = fields
 
     def get_queryset(self):  # type: ignore[no-untyped-def]
