@@ -1,8 +1,8 @@
 """Coded errors of the books.
 
 Each has a stable `code`, an HTTP status for whoever renders it, and whether retrying
-the same call can succeed. Database rule violations (SQLSTATE class TL, migration
-0002_rules) are translated into the same errors by `translate_database_error`.
+the same call can succeed. Database rule violations (SQLSTATE class TL, migrations
+0002_rules and 0003_set_based_posting) are translated into the same errors by `translate_database_error`.
 """
 
 from __future__ import annotations
@@ -70,6 +70,13 @@ class ReversalMismatch(LedgerError):
     status = 422
 
 
+class RunningBalanceMismatch(LedgerError):
+    """A posting's recorded time or running balance does not follow its balance row."""
+
+    code = "running_balance_mismatch"
+    status = 409
+
+
 class ConcurrentPosting(LedgerError):
     """Another poster held the same key and rolled back: posting again can succeed."""
 
@@ -107,6 +114,7 @@ SQLSTATE_ERRORS: dict[str, type[LedgerError]] = {
     "TL006": FutureEffectiveTime,
     "TL007": FixedColumn,
     "TL008": ReversalMismatch,
+    "TL009": RunningBalanceMismatch,
 }
 
 

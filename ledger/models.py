@@ -28,6 +28,13 @@ class TsTzRange(Func):
     output_field = DateTimeRangeField()
 
 
+class CurrentXactId(Func):
+    """The writing database transaction's id, as PostgreSQL numbers it."""
+
+    template = "pg_current_xact_id()::text::bigint"
+    output_field = models.BigIntegerField()
+
+
 class Asset(models.Model):
     """A unit of account: a currency or a token kind, counted in its smallest unit."""
 
@@ -110,7 +117,9 @@ class Account(models.Model):
 class Transaction(models.Model):
     """One balanced business event; written once, never changed, corrected by reversal."""
 
-    idempotency_key = models.CharField(max_length=IDEMPOTENCY_KEY_LENGTH_MAX, unique=True)
+    # Byte order ("C"): the unique index on it is probed for every posted entry, and a
+    # key is an identifier, not text anyone sorts by language.
+    idempotency_key = models.CharField(max_length=IDEMPOTENCY_KEY_LENGTH_MAX, db_collation="C")
     content_hash = models.CharField(
         max_length=64, help_text="SHA-256 of the posted content; a replayed key must match it."
     )
@@ -123,12 +132,20 @@ class Transaction(models.Model):
     )
     # Set by the database to the writing transaction's id: postings may only be added
     # to a transaction inside the database transaction that created it.
-    created_xact = models.BigIntegerField(null=True, editable=False)
+    created_xact = models.BigIntegerField(db_default=CurrentXactId(), editable=False)
+    # The id of this transaction's first posting. A deferred foreign key (migration 0003)
+    # requires that posting to exist at commit: no journal entry without lines.
+    first_posting_id = models.BigIntegerField(editable=False)
 
     class Meta:
         ordering = ["-id"]
         indexes = [models.Index(fields=["effective_at", "id"], name="ledger_tx_effective_idx")]
         constraints = [
+            models.UniqueConstraint(
+                fields=["idempotency_key"],
+                name="ledger_transaction_idempotency_key_unique",
+                violation_error_code="transaction_idempotency_key_unique",
+            ),
             models.CheckConstraint(
                 condition=~Q(reverses=F("id")),
                 name="ledger_transaction_not_self_reversal",
@@ -143,13 +160,37 @@ class Transaction(models.Model):
 class Posting(models.Model):
     """One leg: an amount of one asset debited (+) or credited (-) to one account."""
 
-    transaction = models.ForeignKey(Transaction, on_delete=models.PROTECT, related_name="postings")
-    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="postings")
-    asset = models.ForeignKey(Asset, on_delete=models.PROTECT, related_name="postings")
+    # No per-row foreign key checks (db_constraint=False): the statement trigger of
+    # migration 0003 checks the whole batch against its transactions in one join, a
+    # posting's (account, asset) always has a balance row whose foreign keys hold, and
+    # transactions, accounts and assets are never deleted. Per-row RI checks cost
+    # three queries per leg at commit (measured with `bench ledger`).
+    transaction = models.ForeignKey(
+        Transaction,
+        on_delete=models.PROTECT,
+        related_name="postings",
+        db_constraint=False,
+        db_index=False,
+    )
+    account = models.ForeignKey(
+        Account,
+        on_delete=models.PROTECT,
+        related_name="postings",
+        db_constraint=False,
+        db_index=False,
+    )
+    asset = models.ForeignKey(
+        Asset,
+        on_delete=models.PROTECT,
+        related_name="postings",
+        db_constraint=False,
+        db_index=False,
+    )
     amount = AmountField()
-    # The three below are written by the database trigger, whatever the caller sends:
-    # effective_at copied from the transaction; recorded_at and balance_after taken
-    # under the balance row's lock, so they are monotonic per (account, asset).
+    # Written by ledger_post() under the balance row's lock and verified by the
+    # statement trigger: effective_at is the transaction's; recorded_at is strictly
+    # increasing per (account, asset) and balance_after is the running balance in that
+    # order (ledger/selectors.py reads balances as of any instant from them).
     effective_at = models.DateTimeField(db_default=Now())
     recorded_at = models.DateTimeField(db_default=Now())
     balance_after = AmountField(db_default=0)
@@ -157,17 +198,27 @@ class Posting(models.Model):
     class Meta:
         ordering = ["id"]
         indexes = [
-            models.Index(fields=["transaction"], name="ledger_posting_tx_idx"),
-            models.Index(
-                fields=["account", "asset", "recorded_at", "id"],
-                name="ledger_posting_recorded_idx",
-            ),
             models.Index(
                 fields=["account", "asset", "effective_at", "id"],
                 name="ledger_posting_effective_idx",
             ),
         ]
         constraints = [
+            # Target of the transaction's first-posting foreign key; also the index
+            # for a transaction's lines.
+            models.UniqueConstraint(
+                fields=["transaction", "id"],
+                name="ledger_posting_transaction_line_unique",
+                violation_error_code="posting_transaction_line_unique",
+            ),
+            # One posting per instant per (account, asset); the balance_after payload
+            # answers "balance at T" from the index alone.
+            models.UniqueConstraint(
+                fields=["account", "asset", "recorded_at"],
+                include=["balance_after"],
+                name="ledger_posting_recorded_unique",
+                violation_error_code="posting_recorded_unique",
+            ),
             models.CheckConstraint(
                 condition=~Q(amount=0),
                 name="ledger_posting_amount_nonzero",

@@ -4,10 +4,11 @@ One way in (`transactions_post`, with `transaction_post` for one entry), one way
 correct (`transaction_reverse`). The database enforces the same rules again
 (migration 0002_rules); the checks here run first so callers get a precise error.
 
-Hot path: posting is raw SQL over `unnest` arrays, two statements per batch whatever
-its size. Through the ORM, `bulk_create` builds a model instance per leg and cannot
-say ON CONFLICT DO NOTHING RETURNING, which idempotency needs; measured with
-`manage.py bench ledger`, the SQL path is what reaches the batched target.
+Hot path: posting is one call of the SQL function `ledger_post()` (migration 0003)
+with the batch as arrays. Through the ORM, `bulk_create` builds a model instance per
+leg, cannot say ON CONFLICT DO NOTHING RETURNING (which idempotency needs) and costs a
+round trip per table; measured with `manage.py bench ledger`, one set-based call per
+batch is what posting throughput needs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import hashlib
 import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -30,10 +31,10 @@ from ledger.exceptions import (
     IdempotencyConflict,
     InvalidTransaction,
     LedgerError,
-    PeriodClosed,
     UnbalancedTransaction,
     UnknownAccount,
     UnknownAsset,
+    sqlstate_of,
     translate_database_error,
 )
 from ledger.fields import AMOUNT_DIGITS_MAX
@@ -155,7 +156,7 @@ def _validate(entry: Entry) -> None:
         raise InvalidTransaction(f"description of {key} is over {DESCRIPTION_LENGTH_MAX} chars")
     if entry.effective_at is not None and timezone.is_naive(entry.effective_at):
         raise InvalidTransaction(f"effective time of {key} has no time zone")
-    if len(json.dumps(entry.metadata, default=str)) > METADATA_BYTES_MAX:
+    if entry.metadata and len(json.dumps(entry.metadata, default=str)) > METADATA_BYTES_MAX:
         raise InvalidTransaction(f"metadata of {key} is over {METADATA_BYTES_MAX} bytes")
     sums: defaultdict[str, int] = defaultdict(int)
     for leg in entry.legs:
@@ -218,32 +219,40 @@ def _database_rules() -> Iterator[None]:
             ) from error
         raise
     except DatabaseError as error:
-        translated = translate_database_error(error)
+        translated = _posting_error(error) or translate_database_error(error)
         if translated is not None:
             raise translated from error
         raise
 
 
-_INSERT_TRANSACTIONS = """
-INSERT INTO ledger_transaction
-       (idempotency_key, content_hash, description, effective_at, metadata, reverses_id)
-SELECT u.key, u.hash, u.description, u.effective_at, u.metadata::jsonb, u.reverses_id
-  FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::bigint[])
-       AS u(key, hash, description, effective_at, metadata, reverses_id)
-ON CONFLICT (idempotency_key) DO NOTHING
-RETURNING id, idempotency_key
-"""
+def _posting_error(error: DatabaseError) -> LedgerError | None:
+    """Return the error ledger_post() raised, with what the caller needs to act on it."""
+    state = sqlstate_of(error)
+    diag = getattr(error.__cause__, "diag", None)
+    message = str(getattr(diag, "message_primary", None) or error)
+    detail = str(getattr(diag, "message_detail", None) or "")
+    if state == "TL010":
+        key = message.removeprefix("idempotency key ").split(" was already posted")[0]
+        return IdempotencyConflict(
+            message, extra={"idempotency_key": key, "transaction_id": int(detail)}
+        )
+    if state == "TL011":
+        return UnknownAccount(message, extra={"accounts": detail.split(", ")[:100]})
+    if state == "TL012":
+        return UnknownAsset(message, extra={"assets": detail.split(", ")[:100]})
+    if state in {"40001", "40P01"}:  # a concurrent poster won a race; nothing was written
+        return ConcurrentPosting(message, extra={"sqlstate": state})
+    return None
 
-# Legs are inserted in (account, asset) order so that concurrent posters lock
-# balance rows in one global order and cannot deadlock one another.
-_INSERT_POSTINGS = """
-INSERT INTO ledger_posting (transaction_id, account_id, asset_id, amount)
-SELECT u.transaction_id, a.id, s.id, u.amount
-  FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::numeric[])
-       AS u(transaction_id, account_code, asset_code, amount)
-  JOIN ledger_account a ON a.code = u.account_code
-  JOIN ledger_asset s ON s.code = u.asset_code
- ORDER BY a.id, s.id, u.transaction_id
+
+# One call per batch: ledger_post() (migration 0003) inserts the transactions, locks
+# the balance rows in (account, asset) order, inserts the postings with their running
+# balances and returns the ids, in four statements whatever the batch size. Outside an
+# atomic block the call is its own database transaction: one round trip in all.
+_LEDGER_POST = """
+SELECT idempotency_key, transaction_id, created
+  FROM ledger_post(%s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[],
+                   %s::bigint[], %s::int[], %s::text[], %s::text[], %s::numeric[])
 """
 
 
@@ -256,118 +265,44 @@ def transactions_post(*, entries: Sequence[Entry]) -> list[Posted]:
     """
     if not 1 <= len(entries) <= TRANSACTIONS_PER_BATCH_MAX:
         raise InvalidTransaction(f"a batch holds 1..{TRANSACTIONS_PER_BATCH_MAX} transactions")
-    duplicates = [key for key, n in Counter(e.idempotency_key for e in entries).items() if n > 1]
-    if duplicates:
+    if len({e.idempotency_key for e in entries}) != len(entries):
+        duplicates = [k for k, n in Counter(e.idempotency_key for e in entries).items() if n > 1]
         raise InvalidTransaction(f"idempotency keys repeated within one batch: {duplicates[:5]}")
     for entry in entries:
         _validate(entry)
     _check_reversals([e for e in entries if e.reverses_id is not None])
-    hashes = {e.idempotency_key: _content_hash(e) for e in entries}
-    try:
-        posted = _post(entries, hashes)
-    except PeriodClosed:
-        # The database stamps a row (BEFORE INSERT) before ON CONFLICT sees the key, so
-        # a replay of an entry posted before its period closed is refused there. Answer
-        # replays from what is stored and post only the rest.
-        with connection.cursor() as cursor:
-            posted = _existing_transactions(cursor, hashes, require_all=False)
-        if not posted:
-            raise
-        remaining = [e for e in entries if e.idempotency_key not in posted]
-        if remaining:
-            posted.update(_post(remaining, hashes))
-    return [posted[e.idempotency_key] for e in entries]
-
-
-def _post(entries: Sequence[Entry], hashes: Mapping[str, str]) -> dict[str, Posted]:
-    with _database_rules(), transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(
-            _INSERT_TRANSACTIONS,
-            [
-                [e.idempotency_key for e in entries],
-                [hashes[e.idempotency_key] for e in entries],
-                [e.description for e in entries],
-                [e.effective_at for e in entries],
-                [json.dumps(e.metadata, default=str) for e in entries],
-                [e.reverses_id for e in entries],
-            ],
-        )
-        created = {
-            key: Posted(transaction_id=tx_id, idempotency_key=key, created=True)
-            for tx_id, key in cursor.fetchall()
-        }
-        replayed = {
-            e.idempotency_key: hashes[e.idempotency_key]
-            for e in entries
-            if e.idempotency_key not in created
-        }
-        existing = _existing_transactions(cursor, replayed, require_all=True)
-        new_entries = [e for e in entries if e.idempotency_key in created]
-        if new_entries:
-            _insert_postings(cursor, new_entries, created)
-    return {**created, **existing}
-
-
-def _existing_transactions(
-    cursor: Any, hashes: Mapping[str, str], *, require_all: bool
-) -> dict[str, Posted]:
-    """Return the stored transactions for these keys, checking each says the same."""
-    if not hashes:
-        return {}
-    cursor.execute(
-        "SELECT idempotency_key, id, content_hash FROM ledger_transaction "
-        "WHERE idempotency_key = ANY(%s)",
-        [list(hashes)],
-    )
-    found = {key: (tx_id, digest) for key, tx_id, digest in cursor.fetchall()}
-    for key, digest in hashes.items():
-        if key not in found:
-            if require_all:  # a concurrent poster held the key, then rolled back
-                raise ConcurrentPosting(f"transaction {key} was being posted concurrently; retry")
-            continue
-        if found[key][1] != digest:
-            raise IdempotencyConflict(
-                f"idempotency key {key} was already posted with different content",
-                extra={"idempotency_key": key, "transaction_id": found[key][0]},
-            )
-    return {
-        key: Posted(transaction_id=tx_id, idempotency_key=key, created=False)
-        for key, (tx_id, _) in found.items()
-    }
-
-
-def _insert_postings(cursor: Any, entries: Sequence[Entry], posted: Mapping[str, Posted]) -> None:
-    legs = [(posted[e.idempotency_key].transaction_id, leg) for e in entries for leg in e.legs]
-    cursor.execute(
-        _INSERT_POSTINGS,
-        [
-            [tx_id for tx_id, _ in legs],
-            [leg.account for _, leg in legs],
-            [leg.asset for _, leg in legs],
-            [leg.amount for _, leg in legs],
-        ],
-    )
-    if cursor.rowcount != len(legs):
-        _raise_unknown_codes(cursor, entries)
-        raise LedgerError(f"{len(legs) - cursor.rowcount} legs were not written")
-
-
-def _raise_unknown_codes(cursor: Any, entries: Sequence[Entry]) -> None:
-    accounts = sorted({leg.account for e in entries for leg in e.legs})
-    assets = sorted({leg.asset for e in entries for leg in e.legs})
-    cursor.execute("SELECT code FROM ledger_account WHERE code = ANY(%s)", [accounts])
-    missing_accounts = sorted(set(accounts) - {row[0] for row in cursor.fetchall()})
-    if missing_accounts:
-        raise UnknownAccount(
-            f"unknown accounts: {', '.join(missing_accounts[:10])}",
-            extra={"accounts": missing_accounts[:100]},
-        )
-    cursor.execute("SELECT code FROM ledger_asset WHERE code = ANY(%s)", [assets])
-    missing_assets = sorted(set(assets) - {row[0] for row in cursor.fetchall()})
-    if missing_assets:
-        raise UnknownAsset(
-            f"unknown assets: {', '.join(missing_assets[:10])}", extra={"assets": missing_assets}
-        )
+    leg_entry: list[int] = []
+    leg_account: list[str] = []
+    leg_asset: list[str] = []
+    leg_amount: list[int] = []
+    for position, entry in enumerate(entries, 1):
+        for leg in entry.legs:
+            leg_entry.append(position)
+            leg_account.append(leg.account)
+            leg_asset.append(leg.asset)
+            leg_amount.append(leg.amount)
+    params = [
+        [e.idempotency_key for e in entries],
+        [_content_hash(e) for e in entries],
+        [e.description for e in entries],
+        [e.effective_at for e in entries],
+        [json.dumps(e.metadata, default=str) if e.metadata else "{}" for e in entries],
+        [e.reverses_id for e in entries],
+        leg_entry,
+        leg_account,
+        leg_asset,
+        leg_amount,
+    ]
+    # Inside a caller's atomic block, a savepoint, so that a refused batch leaves the
+    # caller's transaction usable; outside one, the single statement commits on its own.
+    scope = transaction.atomic() if connection.in_atomic_block else nullcontext()
+    with _database_rules(), scope, connection.cursor() as cursor:
+        cursor.execute(_LEDGER_POST, params)
+        rows = cursor.fetchall()
+    return [
+        Posted(transaction_id=tx_id, idempotency_key=key, created=created)
+        for key, tx_id, created in rows
+    ]
 
 
 def transaction_post(

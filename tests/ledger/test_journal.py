@@ -63,14 +63,14 @@ def test_journal_has_one_row_per_posting_in_effective_order_with_exact_amounts()
         return (posted.transaction_id, key, effective[posted.transaction_id], account, asset_code,
                 amount, text, "")  # fmt: skip
 
-    # Within a transaction, postings come in the order they were written: by account id.
+    # Within a transaction, postings come in the order the caller gave its legs.
     assert rows == [
         row(first, "platform:cash", "TOK", 5, "5"),
         row(first, "enterprise:acme:credit", "TOK", -5, "-5"),
         row(second, "platform:cash", "USD", 1234, "12.34"),
         row(second, "platform:fees", "USD", -1234, "-12.34"),
-        row(third, "platform:cash", "PICO", -top, "-99999999999999999999999999.999999999999"),
         row(third, "provider:p1:payable", "PICO", top, "99999999999999999999999999.999999999999"),
+        row(third, "platform:cash", "PICO", -top, "-99999999999999999999999999.999999999999"),
     ]
     assert all(type(row[5]) is int for row in rows)
     assert effective[first.transaction_id] == (now - timedelta(hours=2)).isoformat()

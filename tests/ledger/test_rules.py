@@ -55,42 +55,113 @@ def sql(statement: str, params: list[object] | tuple[object, ...] = ()) -> list[
         return cursor.fetchall() if cursor.description else []
 
 
-def insert_transaction(key: str, effective_at: datetime | None = None) -> int:
+def posting_ids(count: int) -> list[int]:
+    return [
+        row[0]
+        for row in sql(
+            "SELECT nextval('ledger_posting_id_seq') FROM generate_series(1, %s)", [count]
+        )
+    ]
+
+
+def insert_transaction(
+    key: str,
+    effective_at: datetime | None = None,
+    reverses_id: int | None = None,
+    first_posting_id: int = 0,
+) -> int:
+    """Insert a transaction row naming the id its first posting will have; return its id."""
     return sql(
         "INSERT INTO ledger_transaction (idempotency_key, content_hash, description, "
-        "effective_at, recorded_at, metadata) "
-        "VALUES (%s, 'x', '', coalesce(%s, now()), now(), '{}') RETURNING id",
-        [key, effective_at],
+        "effective_at, metadata, reverses_id, first_posting_id) "
+        "VALUES (%s, 'x', '', coalesce(%s, now()), '{}', %s, %s) RETURNING id",
+        [key, effective_at, reverses_id, first_posting_id],
     )[0][0]
 
 
-def insert_posting(tx_id: int, account_id: int, asset_id: int, amount: int) -> None:
+# A correct writer that is not ledger_post(): one statement for all of a transaction's
+# legs, each continuing its balance row (recorded after its last posting, running
+# balance from its amount). The rule tests break one thing at a time against it.
+INSERT_POSTINGS = """
+INSERT INTO ledger_posting (id, transaction_id, account_id, asset_id, amount, effective_at,
+                            recorded_at, balance_after)
+SELECT l.id, l.tx, l.account, l.asset, l.amount, t.effective_at,
+       greatest(coalesce(b.updated_at, '-infinity') + interval '1 microsecond', clock_timestamp())
+         + (row_number() OVER w - 1) * interval '1 microsecond',
+       coalesce(b.amount, 0) + sum(l.amount) OVER w
+  FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::numeric[])
+       WITH ORDINALITY AS l(id, tx, account, asset, amount, ord)
+  JOIN ledger_transaction t ON t.id = l.tx
+  LEFT JOIN ledger_balance b ON b.account_id = l.account AND b.asset_id = l.asset
+WINDOW w AS (PARTITION BY l.account, l.asset ORDER BY l.ord)
+"""
+
+
+def insert_postings(tx_id: int, ids: list[int], postings: list[tuple[int, int, int]]) -> None:
     sql(
-        "INSERT INTO ledger_posting (transaction_id, account_id, asset_id, amount, "
-        "effective_at, recorded_at, balance_after) VALUES (%s, %s, %s, %s, now(), now(), 0)",
-        [tx_id, account_id, asset_id, amount],
+        INSERT_POSTINGS,
+        [
+            ids,
+            [tx_id] * len(postings),
+            [account for account, _, _ in postings],
+            [asset for _, asset, _ in postings],
+            [amount for _, _, amount in postings],
+        ],
     )
 
 
 def post_raw(
-    key: str, postings: list[tuple[int, int, int]], effective_at: datetime | None = None
+    key: str,
+    postings: list[tuple[int, int, int]],
+    effective_at: datetime | None = None,
+    reverses_id: int | None = None,
 ) -> int:
     """Insert a transaction and its (account id, asset id, amount) postings, then commit."""
     with transaction.atomic():
-        tx = insert_transaction(key, effective_at)
-        for account_id, asset_id, amount in postings:
-            insert_posting(tx, account_id, asset_id, amount)
+        ids = posting_ids(max(len(postings), 1))
+        tx = insert_transaction(key, effective_at, reverses_id, ids[0])
+        if postings:
+            insert_postings(tx, ids, postings)
     return tx
 
 
 def post_orm(
     key: str, postings: list[tuple[Account, Asset, int]], reverses: Transaction | None = None
 ) -> Transaction:
-    """The same through the ORM: Transaction.objects.create, Posting.objects.create, commit."""
+    """The same through the ORM: Transaction.objects.create, Posting.objects.bulk_create.
+
+    The running balance is the writer's to compute; this one computes it right, so that
+    each test breaks only the rule it is about.
+    """
     with transaction.atomic():
-        tx = Transaction.objects.create(idempotency_key=key, content_hash="x", reverses=reverses)
-        for account, asset, amount in postings:
-            Posting.objects.create(transaction=tx, account=account, asset=asset, amount=amount)
+        ids = posting_ids(max(len(postings), 1))
+        tx = Transaction.objects.create(
+            idempotency_key=key, content_hash="x", reverses=reverses, first_posting_id=ids[0]
+        )
+        running: dict[tuple[int, int], Balance] = {}
+        rows = []
+        for n, (account, asset, amount) in enumerate(postings):
+            balance = (
+                running.get((account.pk, asset.pk))
+                or Balance.objects.filter(account=account, asset=asset).first()
+                or Balance(amount=0, updated_at=datetime.min.replace(tzinfo=UTC))
+            )
+            recorded_at = max(balance.updated_at + timedelta(microseconds=1), datetime.now(tz=UTC))
+            balance = Balance(amount=balance.amount + amount, updated_at=recorded_at)
+            running[(account.pk, asset.pk)] = balance
+            rows.append(
+                Posting(
+                    id=ids[n],
+                    transaction=tx,
+                    account=account,
+                    asset=asset,
+                    amount=amount,
+                    effective_at=tx.effective_at,
+                    recorded_at=recorded_at,
+                    balance_after=balance.amount,
+                )
+            )
+        Posting.objects.bulk_create(rows)
     return tx
 
 
@@ -120,14 +191,38 @@ def test_raw_sql_transaction_balanced_in_one_asset_but_not_another_is_refused(wo
 
 
 def test_raw_sql_single_leg_transaction_is_refused(world):
-    with refused("TL001", r"has 1 postings; at least 2 are required"):
+    # A non-zero leg balances only against another one: one leg never balances.
+    with refused("TL001", r"\(raw-one-leg\) does not balance: asset USD sums to 5"):
         post_raw("raw-one-leg", [(world["cash"].id, world["usd"].id, 5)])
 
 
 def test_raw_sql_transaction_without_postings_is_refused_even_in_autocommit(world):
-    # No atomic block: the INSERT is its own transaction and commits at once.
-    with refused("TL001", r"\(raw-empty\) has 0 postings"):
-        insert_transaction("raw-empty")
+    # No atomic block: the INSERT is its own transaction and commits at once; the
+    # deferred foreign key to its first posting finds none.
+    with refused("23503", r"ledger_transaction_first_posting_fk"):
+        insert_transaction("raw-empty", first_posting_id=posting_ids(1)[0])
+
+
+def test_a_transaction_cannot_name_a_posting_of_another_transaction(world):
+    seed_posting = Posting.objects.filter(transaction__idempotency_key="seed-1").first()
+    with refused("23503", r"ledger_transaction_first_posting_fk"), transaction.atomic():
+        tx = insert_transaction("raw-borrowed", first_posting_id=seed_posting.pk)
+        insert_postings(
+            tx,
+            posting_ids(2),
+            [(world["cash"].id, world["usd"].id, 5), (world["fees"].id, world["usd"].id, -5)],
+        )
+
+
+def test_legs_of_one_transaction_balance_per_statement(world):
+    # Two statements, each one leg: the first is refused, though the second would
+    # have balanced it. A transaction's legs are written together.
+    cash, fees, usd = world["cash"].id, world["fees"].id, world["usd"].id
+    with refused("TL001", r"does not balance: asset USD sums to 5"), transaction.atomic():
+        ids = posting_ids(2)
+        tx = insert_transaction("raw-split", first_posting_id=ids[0])
+        insert_postings(tx, ids[:1], [(cash, usd, 5)])
+        insert_postings(tx, ids[1:], [(fees, usd, -5)])
 
 
 def test_raw_sql_balanced_transaction_commits(world):
@@ -144,21 +239,18 @@ def test_orm_unbalanced_transaction_is_refused_at_commit(world):
 
 
 def test_orm_single_leg_and_empty_transactions_are_refused(world):
-    with refused("TL001", r"\(orm-one-leg\) has 1 postings"):
+    with refused("TL001", r"\(orm-one-leg\) does not balance"):
         post_orm("orm-one-leg", [(world["cash"], world["usd"], 1)])
-    with refused("TL001", r"\(orm-empty\) has 0 postings"):
+    with refused("23503", r"ledger_transaction_first_posting_fk"):
         post_orm("orm-empty", [])
+    with refused("23502", r"first_posting_id"):
+        Transaction.objects.create(idempotency_key="orm-no-first", content_hash="x")
 
 
 def test_orm_balanced_transaction_commits_and_moves_balances(world):
-    with transaction.atomic():
-        tx = Transaction.objects.create(idempotency_key="orm-balanced", content_hash="x")
-        Posting.objects.bulk_create(
-            [
-                Posting(transaction=tx, account=world["cash"], asset=world["usd"], amount=40),
-                Posting(transaction=tx, account=world["fees"], asset=world["usd"], amount=-40),
-            ]
-        )
+    post_orm(
+        "orm-balanced", [(world["cash"], world["usd"], 40), (world["fees"], world["usd"], -40)]
+    )
     balances = stored_balances()
     assert balances[("platform:cash", "USD")] == 10_040
     assert balances[("platform:fees", "USD")] == -40
@@ -176,7 +268,7 @@ def test_translate_database_error_maps_the_rule_to_its_coded_error(world):
         {"sqlstate": "TL001"},
     )
     assert error.message.startswith("transaction ")
-    assert error.message.endswith("(translated) has 1 postings; at least 2 are required")
+    assert error.message.endswith("(translated) does not balance: asset USD sums to 5")
 
 
 # --- TL008: a reversal negates its original, account by account -------------------
@@ -184,16 +276,7 @@ def test_translate_database_error_maps_the_rule_to_its_coded_error(world):
 
 def post_raw_reversal(key: str, reverses_id: int, postings: list[tuple[int, int, int]]) -> int:
     """Insert a transaction linked as the reversal of `reverses_id`, with postings; commit."""
-    with transaction.atomic():
-        tx = sql(
-            "INSERT INTO ledger_transaction (idempotency_key, content_hash, description, "
-            "effective_at, recorded_at, metadata, reverses_id) "
-            "VALUES (%s, 'x', '', now(), now(), '{}', %s) RETURNING id",
-            [key, reverses_id],
-        )[0][0]
-        for account_id, asset_id, amount in postings:
-            insert_posting(tx, account_id, asset_id, amount)
-    return tx
+    return post_raw(key, postings, reverses_id=reverses_id)
 
 
 def test_raw_sql_reversal_that_does_not_negate_its_original_is_refused_at_commit(world):
@@ -309,6 +392,7 @@ def test_orm_transaction_dated_in_a_closed_period_is_refused(world, closed_janua
             idempotency_key="orm-closed",
             content_hash="x",
             effective_at=datetime(2024, 1, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+            first_posting_id=0,
         )
 
 
@@ -350,8 +434,11 @@ def test_raw_sql_posting_added_to_a_committed_transaction_is_refused(world):
     tx = Transaction.objects.get(idempotency_key="seed-1")
     with refused("TL004", rf"transaction {tx.pk} was committed earlier"), transaction.atomic():
         # Even a balanced pair: the committed transaction is closed for good.
-        insert_posting(tx.pk, world["cash"].id, world["usd"].id, 5)
-        insert_posting(tx.pk, world["fees"].id, world["usd"].id, -5)
+        insert_postings(
+            tx.pk,
+            posting_ids(2),
+            [(world["cash"].id, world["usd"].id, 5), (world["fees"].id, world["usd"].id, -5)],
+        )
 
 
 def test_orm_posting_added_to_a_committed_transaction_is_refused(world):
@@ -397,20 +484,17 @@ def test_orm_writes_to_balances_are_refused(world):
 
 def test_raw_sql_future_effective_time_is_refused(world):
     with refused("TL006", r"is in the future"), transaction.atomic():
-        tx = sql(
-            "INSERT INTO ledger_transaction (idempotency_key, content_hash, description, "
-            "effective_at, recorded_at, metadata) "
-            "VALUES ('raw-future', 'x', '', now() + interval '1 second', now(), '{}') "
-            "RETURNING id"
-        )[0][0]
-        insert_posting(tx, world["cash"].id, world["usd"].id, 5)
+        insert_transaction("raw-future", datetime.now(tz=UTC) + timedelta(seconds=1))
 
 
 def test_orm_and_service_refuse_a_future_effective_time(world):
     tomorrow = datetime.now(tz=UTC) + timedelta(days=1)
     with refused("TL006", r"is in the future"):
         Transaction.objects.create(
-            idempotency_key="orm-future", content_hash="x", effective_at=tomorrow
+            idempotency_key="orm-future",
+            content_hash="x",
+            effective_at=tomorrow,
+            first_posting_id=0,
         )
     before = books_state()
     with pytest.raises(FutureEffectiveTime, match=r"is in the future") as info:
@@ -438,6 +522,9 @@ def test_orm_and_service_refuse_a_future_effective_time(world):
             "UPDATE ledger_account SET kind = 'liability' WHERE code = 'platform:cash'",
             "account's code and kind",
         ),
+        ("DELETE FROM ledger_account WHERE code = 'platform:cash'", "never deleted: DELETE"),
+        ("DELETE FROM ledger_asset WHERE code = 'USD'", "never deleted: DELETE"),
+        ("TRUNCATE ledger_account CASCADE", "never deleted: TRUNCATE"),
     ],
 )
 def test_raw_sql_asset_and_account_identity_is_fixed(world, statement, message):
@@ -549,20 +636,52 @@ def test_overlap_is_reported_by_model_validation_with_its_code(world):
     assert [e.code for e in info.value.error_dict["__all__"]] == ["period_no_overlap"]
 
 
-def test_a_posting_insert_ignores_what_the_caller_says_about_derived_columns(world):
-    with transaction.atomic():
-        tx = insert_transaction("raw-derived", datetime(2023, 6, 1, tzinfo=UTC))
+@pytest.mark.parametrize(
+    ("column", "value", "sqlstate", "message"),
+    [
+        (
+            "effective_at",
+            "'1999-01-01Z'",
+            "TL004",
+            r"is dated 1999-01-01 00:00:00\+00, its transaction",
+        ),
+        ("balance_after", "123456", "TL009", r"does not follow the balance"),
+        ("recorded_at", "'1999-01-01Z'", "TL009", r"recorded at 1999-01-01 00:00:00\+00"),
+        ("recorded_at", "now() + interval '1 hour'", "TL009", r"does not follow the balance"),
+    ],
+)
+def test_a_posting_whose_derived_columns_do_not_follow_is_refused(
+    world, column, value, sqlstate, message
+):
+    """effective_at is the transaction's; recorded_at and balance_after continue the balance."""
+    cash, fees, usd = world["cash"].id, world["fees"].id, world["usd"].id
+    columns = {
+        "effective_at": "t.effective_at",
+        "recorded_at": "clock_timestamp() + (l.ord - 1) * interval '1 microsecond'",
+        "balance_after": "coalesce(b.amount, 0) + l.amount",
+    }
+    columns[column] = value
+    with refused(sqlstate, message), transaction.atomic():
+        ids = posting_ids(2)
+        tx = insert_transaction("raw-derived", first_posting_id=ids[0])
         sql(
-            "INSERT INTO ledger_posting (transaction_id, account_id, asset_id, amount, "
-            "effective_at, recorded_at, balance_after) VALUES "
-            "(%s, %s, %s, 3, '1999-01-01Z', '1999-01-01Z', 123456), "
-            "(%s, %s, %s, -3, '1999-01-01Z', '1999-01-01Z', 123456)",
-            [tx, world["payable"].id, world["usd"].id, tx, world["fees"].id, world["usd"].id],
+            "INSERT INTO ledger_posting (id, transaction_id, account_id, asset_id, amount, "
+            f"effective_at, recorded_at, balance_after) "
+            f"SELECT l.id, %s, l.account, %s, l.amount, {columns['effective_at']}, "
+            f"{columns['recorded_at']}, {columns['balance_after']} "
+            "FROM unnest(%s::bigint[], %s::bigint[], %s::numeric[]) WITH ORDINALITY "
+            "AS l(id, account, amount, ord) "
+            "JOIN ledger_transaction t ON t.id = %s "
+            "LEFT JOIN ledger_balance b ON b.account_id = l.account AND b.asset_id = %s",
+            [tx, usd, ids, [cash, fees], [3, -3], tx, usd],
         )
-    payable = Posting.objects.get(transaction_id=tx, account=world["payable"])
-    assert payable.effective_at == datetime(2023, 6, 1, tzinfo=UTC)
-    assert payable.balance_after == 3
-    assert payable.recorded_at > datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def test_the_correct_raw_writer_is_accepted_and_moves_balances(world):
+    cash, fees, usd = world["cash"].id, world["fees"].id, world["usd"].id
+    tx = post_raw("raw-derived-ok", [(fees, usd, 3), (cash, usd, -3)])
+    assert Posting.objects.get(transaction_id=tx, account_id=fees).balance_after == 3
+    assert stored_balances()[("platform:fees", "USD")] == 3
     assert_books_hold()
 
 
