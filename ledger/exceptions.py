@@ -2,7 +2,8 @@
 
 Each has a stable `code`, an HTTP status for whoever renders it, and whether retrying
 the same call can succeed. Database rule violations (SQLSTATE class TL, migrations
-0002_rules and 0003_set_based_posting) are translated into the same errors by `translate_database_error`.
+0002_rules and 0003_set_based_posting) are translated into the same errors by
+`translate_database_error`.
 """
 
 from __future__ import annotations

@@ -281,7 +281,7 @@ def transactions_post(*, entries: Sequence[Entry]) -> list[Posted]:
             leg_account.append(leg.account)
             leg_asset.append(leg.asset)
             leg_amount.append(leg.amount)
-    params = [
+    params: list[Any] = [
         [e.idempotency_key for e in entries],
         [_content_hash(e) for e in entries],
         [e.description for e in entries],
