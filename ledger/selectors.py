@@ -1,16 +1,18 @@
 """Reads of the books: balances now and at any past instant, trial balance, history, journal.
 
-Point-in-time balance without scanning history. The posting trigger stores on each
-posting `recorded_at` (strictly increasing per account and asset) and `balance_after`
-(the running balance in that order). Effective time never exceeds recorded time, so
+Point-in-time balance without scanning history. ledger_post() stores on each posting
+`recorded_at` (strictly increasing per account and asset) and `balance_after` (the
+running balance in that order). Effective time never exceeds recorded time, so
 
     balance(T) = balance_after of the last posting recorded at or before T
                + postings recorded after T but effective at or before T.
 
-The second term is small: either recorded within BACKDATED_LAG after T (a second of
-traffic), or back-dated by more than that, which the partial index
-`ledger_posting_backdated_idx` finds directly. Each term is an index probe, so the
-cost does not grow with the account's history.
+The second term is small: either recorded within BACKDATED_LAG after T (an entry
+posted "now" is recorded within microseconds of its effective time), or back-dated by
+more than that, which the GiST index `ledger_posting_backdated_idx` finds by the
+interval [effective, recorded) containing T + BACKDATED_LAG. Each term is an index probe whose cost is
+the number of postings it sums, not the account's history: what grows it is back-dating
+across T, not time.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from django.db import connection
 
 from ledger.models import DEBIT_NORMAL_KINDS, Posting
 
-BACKDATED_LAG = timedelta(seconds=1)  # must match the index predicate in 0002_rules
+BACKDATED_LAG = timedelta(milliseconds=10)  # the index predicate of migration 0003
 HISTORY_ROWS_MAX = 10_000
 JOURNAL_CHUNK_ROWS = 5_000
 
@@ -55,8 +57,10 @@ SELECT coalesce((SELECT balance_after FROM ledger_posting
                     AND effective_at <= %(at)s), 0)
      + coalesce((SELECT sum(amount) FROM ledger_posting
                   WHERE account_id = %(account)s AND asset_id = %(asset)s
-                    AND recorded_at > %(at)s + %(lag)s AND effective_at <= %(at)s
-                    AND recorded_at - effective_at > interval '1 second'), 0)
+                    AND tstzrange(effective_at, recorded_at, '[)')
+                        @> (%(at)s::timestamptz + %(lag)s::interval)
+                    AND effective_at <= %(at)s
+                    AND recorded_at - effective_at > interval '10 milliseconds'), 0)
 """
 
 

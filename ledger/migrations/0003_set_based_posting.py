@@ -35,6 +35,8 @@ import ledger.models
 from django.db import migrations, models
 
 
+BACKDATED_LAG = "interval '10 milliseconds'"  # ledger/selectors.py has the same
+
 RULES_SQL = r"""
 -- The row-level machinery of 0002 that the statement-level rules below replace.
 DROP TRIGGER ledger_transaction_stamp ON ledger_transaction;
@@ -58,6 +60,17 @@ ALTER TABLE ledger_transaction ALTER first_posting_id SET NOT NULL;
 ALTER TABLE ledger_transaction ADD CONSTRAINT ledger_transaction_first_posting_fk
   FOREIGN KEY (id, first_posting_id) REFERENCES ledger_posting (transaction_id, id)
   DEFERRABLE INITIALLY DEFERRED;
+
+-- Point-in-time balances (ledger/selectors.py): a posting recorded more than
+-- BACKDATED_LAG after its effective time is indexed by the interval between the two,
+-- so "effective by T, recorded after T" is one GiST probe whose cost is the number of
+-- such postings, not the account's history. ledger_post records an entry posted now
+-- within microseconds of its effective time, so only real back-dating lands here.
+CREATE EXTENSION IF NOT EXISTS btree_gist;
+DROP INDEX ledger_posting_backdated_idx;
+CREATE INDEX ledger_posting_backdated_idx ON ledger_posting USING gist
+  (account_id, asset_id, tstzrange(effective_at, recorded_at, '[)')) INCLUDE (effective_at, amount)
+  WHERE recorded_at - effective_at > {lag};
 
 -- TL007: postings refer to accounts and assets by id, without per-row foreign keys.
 CREATE FUNCTION ledger_refuse_delete() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -262,54 +275,82 @@ LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
   v_created_ord bigint[];
   v_created_id bigint[];
-  v_legs_expected bigint;
   v_pairs bigint;
   v_locked bigint;
   v_now timestamptz;
+  l_entry bigint[];
   l_id bigint[];
-  l_tx bigint[];
   l_account bigint[];
   l_asset bigint[];
   l_amount numeric[];
-  l_effective timestamptz[];
   bad record;
 BEGIN
-  -- Posting ids are drawn first: each transaction names its first posting (above).
-  WITH legs AS MATERIALIZED (
-    SELECT l.entry, l.account, l.asset, l.amount,
-           nextval('ledger_posting_id_seq'::regclass) AS id
-      FROM unnest(p_leg_entry, p_leg_account, p_leg_asset, p_leg_amount)
-           AS l(entry, account, asset, amount)
-  ), firsts AS (
-    SELECT legs.entry, min(legs.id) AS first_id FROM legs GROUP BY legs.entry
-  ), ins AS (
+  -- 1. Resolve the codes; draw posting ids (each transaction names its first posting).
+  SELECT array_agg(x.entry), array_agg(x.id), array_agg(x.account), array_agg(x.asset),
+         array_agg(x.amount)
+    INTO l_entry, l_id, l_account, l_asset, l_amount
+    FROM (SELECT l.entry, a.id AS account, s.id AS asset, l.amount,
+                 nextval('ledger_posting_id_seq'::regclass) AS id
+            FROM unnest(p_leg_entry, p_leg_account, p_leg_asset, p_leg_amount)
+                 WITH ORDINALITY AS l(entry, account, asset, amount, ord)
+            JOIN ledger_account a ON a.code = l.account
+            JOIN ledger_asset s ON s.code = l.asset
+           ORDER BY l.ord) x;
+  IF coalesce(cardinality(l_id), 0) < cardinality(p_leg_entry) THEN
+    SELECT (SELECT string_agg(DISTINCT x.code, ', ') FROM unnest(p_leg_account) x(code)
+             WHERE NOT EXISTS (SELECT 1 FROM ledger_account a WHERE a.code = x.code)) AS accounts,
+           (SELECT string_agg(DISTINCT x.code, ', ') FROM unnest(p_leg_asset) x(code)
+             WHERE NOT EXISTS (SELECT 1 FROM ledger_asset s WHERE s.code = x.code)) AS assets
+      INTO bad;
+    IF bad.accounts IS NOT NULL THEN
+      RAISE EXCEPTION USING ERRCODE = 'TL011', DETAIL = bad.accounts,
+        MESSAGE = 'unknown accounts: ' || bad.accounts;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'TL012', DETAIL = bad.assets,
+      MESSAGE = 'unknown assets: ' || bad.assets;
+  END IF;
+
+  -- 2. Lock the balance rows in (account, asset) order, as every poster does, so that
+  -- posters wait for one another but never deadlock; open missing ones at zero first.
+  SELECT (SELECT count(*) FROM (SELECT DISTINCT * FROM unnest(l_account, l_asset)) d),
+         (SELECT count(*) FROM (SELECT 1 FROM ledger_balance b
+                                 WHERE (b.account_id, b.asset_id)
+                                       IN (SELECT * FROM unnest(l_account, l_asset))
+                                 ORDER BY b.account_id, b.asset_id FOR UPDATE) x)
+    INTO v_pairs, v_locked;
+  IF v_locked < v_pairs THEN
+    INSERT INTO ledger_balance (account_id, asset_id, amount, posting_count, updated_at)
+    SELECT DISTINCT p.account, p.asset, 0, 0, '-infinity'::timestamptz
+      FROM unnest(l_account, l_asset) AS p(account, asset)
+     ORDER BY 1, 2
+    ON CONFLICT (account_id, asset_id) DO NOTHING;
+    PERFORM 1 FROM ledger_balance b
+     WHERE (b.account_id, b.asset_id) IN (SELECT * FROM unnest(l_account, l_asset))
+     ORDER BY b.account_id, b.asset_id FOR UPDATE;
+  END IF;
+
+  -- 3. Under the locks, one instant for the whole batch: it is the recorded time of the
+  -- transactions, the effective time of those that give none, and where each balance
+  -- row's postings continue (one microsecond apart, after the row's last one). So an
+  -- entry posted "now" is recorded within microseconds of its effective time, which
+  -- keeps point-in-time reads to an index probe (ledger/selectors.py).
+  v_now := clock_timestamp();
+  WITH ins AS (
     INSERT INTO ledger_transaction AS t
-           (idempotency_key, content_hash, description, effective_at, metadata, reverses_id,
-            first_posting_id)
-    SELECT u.key, u.hash, u.description, coalesce(u.effective_at, statement_timestamp()),
+           (idempotency_key, content_hash, description, effective_at, recorded_at, metadata,
+            reverses_id, first_posting_id)
+    SELECT u.key, u.hash, u.description, coalesce(u.effective_at, v_now), v_now,
            u.metadata::jsonb, u.reverses_id, f.first_id
       FROM unnest(p_keys, p_hashes, p_descriptions, p_effective_at, p_metadata, p_reverses)
            WITH ORDINALITY AS u(key, hash, description, effective_at, metadata, reverses_id, ord)
-      JOIN firsts f ON f.entry = u.ord
+      JOIN (SELECT l.entry, min(l.id) AS first_id FROM unnest(l_entry, l_id) AS l(entry, id)
+             GROUP BY l.entry) f ON f.entry = u.ord
     ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING t.id, t.idempotency_key, t.effective_at
-  ), created AS (
-    SELECT k.ord, ins.id, ins.effective_at
-      FROM ins JOIN unnest(p_keys) WITH ORDINALITY AS k(key, ord) ON k.key = ins.idempotency_key
-  ), resolved AS (
-    SELECT l.id, c.id AS tx, a.id AS account, s.id AS asset, l.amount, c.effective_at
-      FROM legs l JOIN created c ON c.ord = l.entry
-      JOIN ledger_account a ON a.code = l.account
-      JOIN ledger_asset s ON s.code = l.asset
+    RETURNING t.id, t.idempotency_key
   )
-  SELECT (SELECT array_agg(c.ord ORDER BY c.ord) FROM created c),
-         (SELECT array_agg(c.id ORDER BY c.ord) FROM created c),
-         (SELECT count(*) FROM legs l JOIN created c ON c.ord = l.entry),
-         array_agg(r.id), array_agg(r.tx), array_agg(r.account), array_agg(r.asset),
-         array_agg(r.amount), array_agg(r.effective_at)
-    INTO v_created_ord, v_created_id, v_legs_expected,
-         l_id, l_tx, l_account, l_asset, l_amount, l_effective
-    FROM resolved r;
+  SELECT array_agg(k.ord ORDER BY k.ord), array_agg(ins.id ORDER BY k.ord)
+    INTO v_created_ord, v_created_id
+    FROM ins JOIN unnest(p_keys) WITH ORDINALITY AS k(key, ord) ON k.key = ins.idempotency_key;
 
   IF coalesce(cardinality(v_created_ord), 0) < cardinality(p_keys) THEN
     SELECT k.key, t.id INTO bad
@@ -328,52 +369,19 @@ BEGIN
     END IF;
   END IF;
 
-  IF coalesce(cardinality(l_id), 0) < v_legs_expected THEN
-    SELECT (SELECT string_agg(DISTINCT x.code, ', ') FROM unnest(p_leg_account) x(code)
-             WHERE NOT EXISTS (SELECT 1 FROM ledger_account a WHERE a.code = x.code)) AS accounts,
-           (SELECT string_agg(DISTINCT x.code, ', ') FROM unnest(p_leg_asset) x(code)
-             WHERE NOT EXISTS (SELECT 1 FROM ledger_asset s WHERE s.code = x.code)) AS assets
-      INTO bad;
-    IF bad.accounts IS NOT NULL THEN
-      RAISE EXCEPTION USING ERRCODE = 'TL011', DETAIL = bad.accounts,
-        MESSAGE = 'unknown accounts: ' || bad.accounts;
-    END IF;
-    RAISE EXCEPTION USING ERRCODE = 'TL012', DETAIL = bad.assets,
-      MESSAGE = 'unknown assets: ' || bad.assets;
-  END IF;
-
-  IF l_id IS NOT NULL THEN
-    -- Balance rows are locked in (account, asset) order, by every poster alike, so
-    -- posters wait for one another but never deadlock; a missing row is opened at zero
-    -- first (in the same order).
-    SELECT (SELECT count(*) FROM (SELECT DISTINCT * FROM unnest(l_account, l_asset)) d),
-           (SELECT count(*) FROM (SELECT 1 FROM ledger_balance b
-                                   WHERE (b.account_id, b.asset_id)
-                                         IN (SELECT * FROM unnest(l_account, l_asset))
-                                   ORDER BY b.account_id, b.asset_id FOR UPDATE) x)
-      INTO v_pairs, v_locked;
-    IF v_locked < v_pairs THEN
-      INSERT INTO ledger_balance (account_id, asset_id, amount, posting_count, updated_at)
-      SELECT DISTINCT p.account, p.asset, 0, 0, '-infinity'::timestamptz
-        FROM unnest(l_account, l_asset) AS p(account, asset)
-       ORDER BY 1, 2
-      ON CONFLICT (account_id, asset_id) DO NOTHING;
-      PERFORM 1 FROM ledger_balance b
-       WHERE (b.account_id, b.asset_id) IN (SELECT * FROM unnest(l_account, l_asset))
-       ORDER BY b.account_id, b.asset_id FOR UPDATE;
-    END IF;
-    -- Under the locks: each (account, asset) continues from its stored balance, one
-    -- microsecond apart, never before its last posting nor before now.
-    v_now := clock_timestamp();
+  -- 4. The postings of the entries created here (a replayed entry has its own already).
+  IF v_created_ord IS NOT NULL THEN
     INSERT INTO ledger_posting
            (id, transaction_id, account_id, asset_id, amount, effective_at, recorded_at,
             balance_after)
-    SELECT l.id, l.tx, l.account, l.asset, l.amount, l.effective_at,
+    SELECT l.id, c.id, l.account, l.asset, l.amount,
+           coalesce(p_effective_at[l.entry], v_now),
            greatest(b.updated_at + interval '1 microsecond', v_now)
              + (row_number() OVER w - 1) * interval '1 microsecond',
            b.amount + sum(l.amount) OVER w
-      FROM unnest(l_id, l_tx, l_account, l_asset, l_amount, l_effective)
-           AS l(id, tx, account, asset, amount, effective_at)
+      FROM unnest(l_entry, l_id, l_account, l_asset, l_amount)
+           AS l(entry, id, account, asset, amount)
+      JOIN unnest(v_created_ord, v_created_id) AS c(ord, id) ON c.ord = l.entry
       JOIN ledger_balance b ON b.account_id = l.account AND b.asset_id = l.asset
     WINDOW w AS (PARTITION BY l.account, l.asset ORDER BY l.id);
   END IF;
@@ -452,5 +460,5 @@ class Migration(migrations.Migration):
             ],
         ),
         # Irreversible: 0002's row-level rules are not restored.
-        migrations.RunSQL(RULES_SQL),
+        migrations.RunSQL(RULES_SQL.replace("{lag}", BACKDATED_LAG)),
     ]

@@ -59,11 +59,17 @@ def instants_that_matter(rng: random.Random, count: int) -> list[datetime]:
     the lag), a microsecond either side, midpoints between them; plus the extremes."""
     times: set[datetime] = set()
     for effective_at, recorded_at in Posting.objects.values_list("effective_at", "recorded_at"):
-        for t in (effective_at, recorded_at, recorded_at - BACKDATED_LAG):
+        for t in (
+            effective_at,
+            recorded_at,
+            recorded_at - BACKDATED_LAG,
+            effective_at + BACKDATED_LAG,
+        ):
             times.update((t - US, t, t + US))
     ordered = sorted(times)
     between = {a + (b - a) / 2 for a, b in itertools.pairwise(ordered)}
-    sample = rng.sample(sorted(times | between), count)
+    pool = sorted(times | between)
+    sample = rng.sample(pool, min(count, len(pool)))
     return sorted({*sample, ordered[0] - timedelta(days=1), db_now()})
 
 
@@ -80,7 +86,7 @@ def test_balance_as_of_equals_the_sum_of_postings_effective_by_then_at_every_ins
     # Current traffic interleaved with late arrivals dated back by less and more than the lag.
     for i in range(12):
         post_random(rng, f"now-{i}", None)
-        lag_s = (0.05, 0.6, 0.99, 1.01, 1.5, 30.0)[i % 6]
+        lag_s = (0.002, 0.0099, 0.0101, 0.05, 1.5, 30.0)[i % 6]
         post_random(rng, f"late-{i}", db_now() - timedelta(seconds=lag_s))
         time.sleep(0.02)
     instants = instants_that_matter(rng, 400)
