@@ -10,9 +10,9 @@ running balance in that order). Effective time never exceeds recorded time, so
 The second term is small: either recorded within BACKDATED_LAG after T (an entry
 posted "now" is recorded within microseconds of its effective time), or back-dated by
 more than that, which the GiST index `ledger_posting_backdated_idx` finds by the
-interval [effective, recorded) containing T + BACKDATED_LAG. Each term is an index probe whose cost is
-the number of postings it sums, not the account's history: what grows it is back-dating
-across T, not time.
+interval [effective, recorded) containing T + BACKDATED_LAG. Each term is an index
+probe whose cost is the number of postings it sums, not the account's history: what
+grows it is back-dating across T, not time.
 """
 
 from __future__ import annotations

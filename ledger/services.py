@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 
@@ -249,10 +250,15 @@ def _posting_error(error: DatabaseError) -> LedgerError | None:
 # the balance rows in (account, asset) order, inserts the postings with their running
 # balances and returns the ids, in four statements whatever the batch size. Outside an
 # atomic block the call is its own database transaction: one round trip in all.
+#
+# Parameters go in binary (%b) through a server-binding cursor on Django's connection:
+# Django's default client-side cursor quotes every array element with a regex and the
+# server parses the text again, which measured at a third of a 1,000-entry batch.
+# Amounts travel as text, so that no value is squeezed into a fixed-width integer.
 _LEDGER_POST = """
-SELECT idempotency_key, transaction_id, created
-  FROM ledger_post(%s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[],
-                   %s::bigint[], %s::int[], %s::text[], %s::text[], %s::numeric[])
+SELECT transaction_id, created
+  FROM ledger_post(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[],
+                   %b::bigint[], %b::int[], %b::text[], %b::text[], %b::numeric[])
 """
 
 
@@ -274,13 +280,13 @@ def transactions_post(*, entries: Sequence[Entry]) -> list[Posted]:
     leg_entry: list[int] = []
     leg_account: list[str] = []
     leg_asset: list[str] = []
-    leg_amount: list[int] = []
+    leg_amount: list[str] = []
     for position, entry in enumerate(entries, 1):
         for leg in entry.legs:
             leg_entry.append(position)
             leg_account.append(leg.account)
             leg_asset.append(leg.asset)
-            leg_amount.append(leg.amount)
+            leg_amount.append(str(leg.amount))
     params: list[Any] = [
         [e.idempotency_key for e in entries],
         [_content_hash(e) for e in entries],
@@ -296,12 +302,14 @@ def transactions_post(*, entries: Sequence[Entry]) -> list[Posted]:
     # Inside a caller's atomic block, a savepoint, so that a refused batch leaves the
     # caller's transaction usable; outside one, the single statement commits on its own.
     scope = transaction.atomic() if connection.in_atomic_block else nullcontext()
-    with _database_rules(), scope, connection.cursor() as cursor:
-        cursor.execute(_LEDGER_POST, params)
-        rows = cursor.fetchall()
+    with _database_rules(), scope, connection.wrap_database_errors:
+        connection.ensure_connection()
+        with psycopg.Cursor(connection.connection) as cursor:
+            cursor.execute(_LEDGER_POST, params)
+            rows = cursor.fetchall()
     return [
-        Posted(transaction_id=tx_id, idempotency_key=key, created=created)
-        for key, tx_id, created in rows
+        Posted(transaction_id=tx_id, idempotency_key=entry.idempotency_key, created=created)
+        for entry, (tx_id, created) in zip(entries, rows, strict=True)
     ]
 
 

@@ -269,12 +269,18 @@ CREATE FUNCTION ledger_post(
   p_keys text[], p_hashes text[], p_descriptions text[], p_effective_at timestamptz[],
   p_metadata text[], p_reverses bigint[],
   p_leg_entry int[], p_leg_account text[], p_leg_asset text[], p_leg_amount numeric[]
-) RETURNS TABLE (idempotency_key text, transaction_id bigint, created boolean)
+) RETURNS TABLE (transaction_id bigint, created boolean)
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
   v_created_ord bigint[];
   v_created_id bigint[];
+  p_id bigint[];
+  p_tx bigint[];
+  p_account bigint[];
+  p_asset bigint[];
+  p_amount numeric[];
+  p_effective timestamptz[];
   v_pairs bigint;
   v_locked bigint;
   v_now timestamptz;
@@ -346,11 +352,22 @@ BEGIN
       JOIN (SELECT l.entry, min(l.id) AS first_id FROM unnest(l_entry, l_id) AS l(entry, id)
              GROUP BY l.entry) f ON f.entry = u.ord
     ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING t.id, t.idempotency_key
+    RETURNING t.id, t.idempotency_key, t.effective_at
+  ), created AS MATERIALIZED (
+    SELECT k.ord, ins.id, ins.effective_at
+      FROM ins JOIN unnest(p_keys) WITH ORDINALITY AS k(key, ord) ON k.key = ins.idempotency_key
+  ), legs AS (
+    SELECT l.id, c.id AS tx, l.account, l.asset, l.amount, c.effective_at
+      FROM unnest(l_entry, l_id, l_account, l_asset, l_amount)
+           AS l(entry, id, account, asset, amount)
+      JOIN created c ON c.ord = l.entry
   )
-  SELECT array_agg(k.ord ORDER BY k.ord), array_agg(ins.id ORDER BY k.ord)
-    INTO v_created_ord, v_created_id
-    FROM ins JOIN unnest(p_keys) WITH ORDINALITY AS k(key, ord) ON k.key = ins.idempotency_key;
+  SELECT (SELECT array_agg(c.ord ORDER BY c.ord) FROM created c),
+         (SELECT array_agg(c.id ORDER BY c.ord) FROM created c),
+         array_agg(legs.id), array_agg(legs.tx), array_agg(legs.account), array_agg(legs.asset),
+         array_agg(legs.amount), array_agg(legs.effective_at)
+    INTO v_created_ord, v_created_id, p_id, p_tx, p_account, p_asset, p_amount, p_effective
+    FROM legs;
 
   IF coalesce(cardinality(v_created_ord), 0) < cardinality(p_keys) THEN
     SELECT k.key, t.id INTO bad
@@ -374,23 +391,21 @@ BEGIN
     INSERT INTO ledger_posting
            (id, transaction_id, account_id, asset_id, amount, effective_at, recorded_at,
             balance_after)
-    SELECT l.id, c.id, l.account, l.asset, l.amount,
-           coalesce(p_effective_at[l.entry], v_now),
+    SELECT l.id, l.tx, l.account, l.asset, l.amount, l.effective_at,
            greatest(b.updated_at + interval '1 microsecond', v_now)
              + (row_number() OVER w - 1) * interval '1 microsecond',
            b.amount + sum(l.amount) OVER w
-      FROM unnest(l_entry, l_id, l_account, l_asset, l_amount)
-           AS l(entry, id, account, asset, amount)
-      JOIN unnest(v_created_ord, v_created_id) AS c(ord, id) ON c.ord = l.entry
+      FROM unnest(p_id, p_tx, p_account, p_asset, p_amount, p_effective)
+           AS l(id, tx, account, asset, amount, effective_at)
       JOIN ledger_balance b ON b.account_id = l.account AND b.asset_id = l.asset
     WINDOW w AS (PARTITION BY l.account, l.asset ORDER BY l.id);
   END IF;
 
   IF coalesce(cardinality(v_created_ord), 0) = cardinality(p_keys) THEN
-    RETURN QUERY SELECT k.key, k.id, true FROM unnest(p_keys, v_created_id) AS k(key, id);
+    RETURN QUERY SELECT k.id, true FROM unnest(v_created_id) AS k(id);
   ELSE
     RETURN QUERY
-      SELECT k.key, t.id, coalesce(k.ord = ANY (v_created_ord), false)
+      SELECT t.id, coalesce(k.ord = ANY (v_created_ord), false)
         FROM unnest(p_keys) WITH ORDINALITY AS k(key, ord)
         JOIN ledger_transaction t ON t.idempotency_key = k.key
        ORDER BY k.ord;
