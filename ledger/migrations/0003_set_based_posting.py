@@ -21,6 +21,8 @@ What the database enforces, whoever writes (same SQLSTATEs as 0002, plus TL009-T
   TL003  no transaction dated in a closed period;  TL006  none dated in the future
   TL004  postings join only a transaction created in the same database transaction,
          with its effective time; created_xact and recorded_at are the database's
+         (these are checked with the transaction's postings: it has some, by the
+         first-posting foreign key, so one statement trigger on postings checks all)
   TL005  balances are written only by the posting trigger (a zero row may be opened)
   TL007  accounts and assets are never deleted (postings refer to them by id)
   TL008  a reversal negates its original, account by account
@@ -115,8 +117,11 @@ CREATE TRIGGER ledger_balance_opened AFTER INSERT ON ledger_balance
   REFERENCING NEW TABLE AS new_rows
   FOR EACH STATEMENT EXECUTE FUNCTION ledger_balance_opened();
 
--- TL003, TL004, TL006 over each INSERT's new transactions, in one query.
-CREATE FUNCTION ledger_transactions_inserted() RETURNS trigger LANGUAGE plpgsql
+-- Every rule over each INSERT's new postings and their transactions, then the balances
+-- move: one statement finds the first broken rule and, if none is, applies the
+-- statement's totals to the balance rows. A transaction is checked with its postings
+-- (it has some: the first-posting foreign key), so no trigger on transactions is needed.
+CREATE FUNCTION ledger_postings_inserted() RETURNS trigger LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
   bad record;
@@ -130,126 +135,108 @@ BEGIN
                     WHERE p.starts_at <= n.effective_at AND n.effective_at < p.ends_at)
        FOR SHARE;
   END IF;
-  SELECT n.id, n.idempotency_key, n.effective_at, n.recorded_at, p.starts_at, p.ends_at
-    INTO bad
-    FROM new_rows n
-    LEFT JOIN ledger_period p
-      ON p.status = 'closed' AND p.starts_at <= n.effective_at AND n.effective_at < p.ends_at
-   WHERE n.effective_at > n.recorded_at OR p.id IS NOT NULL
-      OR n.created_xact IS DISTINCT FROM pg_current_xact_id()::text::bigint
-      OR n.recorded_at < transaction_timestamp() OR n.recorded_at > clock_timestamp()
-   LIMIT 1;
-  IF NOT FOUND THEN
-    RETURN NULL;
-  ELSIF bad.effective_at > bad.recorded_at THEN
-    RAISE EXCEPTION USING ERRCODE = 'TL006',
-      MESSAGE = format('effective time %s is in the future', bad.effective_at);
-  ELSIF bad.starts_at IS NOT NULL THEN
-    RAISE EXCEPTION USING ERRCODE = 'TL003',
-      MESSAGE = format('effective time %s falls in the closed period %s to %s',
-                       bad.effective_at, bad.starts_at, bad.ends_at);
-  END IF;
-  RAISE EXCEPTION USING ERRCODE = 'TL004',
-    MESSAGE = format('transaction %s: created_xact and recorded_at are set by the database',
-                     bad.idempotency_key);
-END $$;
-CREATE TRIGGER ledger_transactions_inserted AFTER INSERT ON ledger_transaction
-  REFERENCING NEW TABLE AS new_rows
-  FOR EACH STATEMENT EXECUTE FUNCTION ledger_transactions_inserted();
-
--- TL001, TL004, TL008, TL009 over each INSERT's new postings, then the balances move:
--- one query finds the first broken rule, one upsert applies the statement's totals.
-CREATE FUNCTION ledger_postings_inserted() RETURNS trigger LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan AS $$
-DECLARE
-  bad record;
-  drifted bigint;
-BEGIN
   WITH j AS MATERIALIZED (
     SELECT n.id, n.transaction_id, n.account_id, n.asset_id, n.amount, n.effective_at,
            n.recorded_at, n.balance_after, t.id AS tx_id, t.idempotency_key, t.created_xact,
-           t.effective_at AS tx_effective_at, t.reverses_id
+           t.effective_at AS tx_effective_at, t.recorded_at AS tx_recorded_at, t.reverses_id
       FROM new_rows n LEFT JOIN ledger_transaction t ON t.id = n.transaction_id
-  )
-  SELECT v.code, v.message INTO bad FROM (
-    (SELECT 'TL004' AS code,
-            CASE WHEN j.tx_id IS NULL
-                 THEN format('transaction %s does not exist', j.transaction_id)
-                 WHEN j.created_xact <> pg_current_xact_id()::text::bigint
-                 THEN format('transaction %s was committed earlier; '
-                             'postings cannot be added to it', j.transaction_id)
-                 ELSE format('posting %s is dated %s, its transaction %s %s',
-                             j.id, j.effective_at, j.transaction_id, j.tx_effective_at)
-            END AS message
-       FROM j
-      WHERE j.tx_id IS NULL OR j.created_xact <> pg_current_xact_id()::text::bigint
-         OR j.effective_at <> j.tx_effective_at
-      LIMIT 1)
-    UNION ALL
-    (SELECT 'TL001', format('transaction %s (%s) does not balance: asset %s sums to %s',
-                            j.transaction_id, min(j.idempotency_key),
-                            (SELECT s.code FROM ledger_asset s WHERE s.id = j.asset_id),
-                            sum(j.amount))
-       FROM j GROUP BY j.transaction_id, j.asset_id HAVING sum(j.amount) <> 0
-      LIMIT 1)
-    UNION ALL
-    (SELECT 'TL008', format('transaction %s (%s) reverses %s but does not negate it',
-                            r.tx_id, r.idempotency_key, r.reverses_id)
-       FROM (SELECT DISTINCT j.tx_id, j.idempotency_key, j.reverses_id
-               FROM j WHERE j.reverses_id IS NOT NULL) r
-      WHERE EXISTS (SELECT 1 FROM ledger_posting p
-                     WHERE p.transaction_id IN (r.tx_id, r.reverses_id)
-                     GROUP BY p.account_id, p.asset_id HAVING sum(p.amount) <> 0)
-      LIMIT 1)
-    UNION ALL
-    -- The balance rows are locked (ledger_post holds them already) before they are read.
-    (SELECT 'TL009', format('posting %s (account %s, asset %s) recorded at %s with '
-                            'balance_after %s does not follow the balance: expected %s, '
-                            'after %s', x.id, x.account_id, x.asset_id, x.recorded_at,
-                            x.balance_after, x.expected, x.previous_at)
-       FROM (SELECT j.id, j.account_id, j.asset_id, j.effective_at, j.recorded_at,
-                    j.balance_after,
-                    coalesce(b.amount, 0) + sum(j.amount) OVER w AS expected,
-                    coalesce(lag(j.recorded_at) OVER w, b.updated_at, '-infinity')
-                      AS previous_at
-               FROM j LEFT JOIN (
-                      SELECT b.account_id, b.asset_id, b.amount, b.updated_at
-                        FROM ledger_balance b
-                       WHERE (b.account_id, b.asset_id)
-                             IN (SELECT n.account_id, n.asset_id FROM new_rows n)
-                       ORDER BY b.account_id, b.asset_id
-                         FOR UPDATE) b
-                    ON b.account_id = j.account_id AND b.asset_id = j.asset_id
-             WINDOW w AS (PARTITION BY j.account_id, j.asset_id ORDER BY j.recorded_at, j.id)
-            ) x
-      WHERE x.balance_after <> x.expected OR x.recorded_at <= x.previous_at
-         OR x.effective_at > x.recorded_at
-         OR x.recorded_at > clock_timestamp() + interval '1 second'
-      LIMIT 1)
-  ) v LIMIT 1;
-  IF FOUND THEN
-    RAISE EXCEPTION USING ERRCODE = bad.code, MESSAGE = bad.message;
-  END IF;
-
-  WITH g AS (
+  ), b AS MATERIALIZED (
+    -- Locked before read (ledger_post holds these locks already).
+    SELECT b.account_id, b.asset_id, b.amount, b.updated_at
+      FROM ledger_balance b
+     WHERE (b.account_id, b.asset_id) IN (SELECT n.account_id, n.asset_id FROM new_rows n)
+     ORDER BY b.account_id, b.asset_id
+       FOR UPDATE
+  ), violation AS MATERIALIZED (
+    SELECT v.code, v.message FROM (
+      (SELECT 'TL004' AS code,
+              CASE WHEN j.tx_id IS NULL
+                   THEN format('transaction %s does not exist', j.transaction_id)
+                   ELSE format('transaction %s was committed earlier; '
+                               'postings cannot be added to it', j.transaction_id)
+              END AS message
+         FROM j WHERE j.tx_id IS NULL OR j.created_xact <> pg_current_xact_id()::text::bigint
+        LIMIT 1)
+      UNION ALL
+      (SELECT 'TL006', format('effective time %s is in the future', j.tx_effective_at)
+         FROM j WHERE j.tx_effective_at > j.tx_recorded_at LIMIT 1)
+      UNION ALL
+      (SELECT 'TL003', format('effective time %s falls in the closed period %s to %s',
+                              j.tx_effective_at, p.starts_at, p.ends_at)
+         FROM j JOIN ledger_period p
+           ON p.status = 'closed' AND p.starts_at <= j.tx_effective_at
+          AND j.tx_effective_at < p.ends_at
+        LIMIT 1)
+      UNION ALL
+      (SELECT 'TL004',
+              CASE WHEN j.effective_at <> j.tx_effective_at
+                   THEN format('posting %s is dated %s, its transaction %s %s',
+                               j.id, j.effective_at, j.transaction_id, j.tx_effective_at)
+                   ELSE format('transaction %s (%s): recorded_at is the database''s',
+                               j.transaction_id, j.idempotency_key)
+              END
+         FROM j WHERE j.effective_at <> j.tx_effective_at
+                   OR j.tx_recorded_at < transaction_timestamp()
+                   OR j.tx_recorded_at > clock_timestamp()
+        LIMIT 1)
+      UNION ALL
+      (SELECT 'TL001', format('transaction %s (%s) does not balance: asset %s sums to %s',
+                              j.transaction_id, min(j.idempotency_key),
+                              (SELECT s.code FROM ledger_asset s WHERE s.id = j.asset_id),
+                              sum(j.amount))
+         FROM j GROUP BY j.transaction_id, j.asset_id HAVING sum(j.amount) <> 0
+        LIMIT 1)
+      UNION ALL
+      (SELECT 'TL008', format('transaction %s (%s) reverses %s but does not negate it',
+                              r.tx_id, r.idempotency_key, r.reverses_id)
+         FROM (SELECT DISTINCT j.tx_id, j.idempotency_key, j.reverses_id
+                 FROM j WHERE j.reverses_id IS NOT NULL) r
+        WHERE EXISTS (SELECT 1 FROM ledger_posting p
+                       WHERE p.transaction_id IN (r.tx_id, r.reverses_id)
+                       GROUP BY p.account_id, p.asset_id HAVING sum(p.amount) <> 0)
+        LIMIT 1)
+      UNION ALL
+      (SELECT 'TL009', format('posting %s (account %s, asset %s) recorded at %s with '
+                              'balance_after %s does not follow the balance: expected %s, '
+                              'after %s', x.id, x.account_id, x.asset_id, x.recorded_at,
+                              x.balance_after, x.expected, x.previous_at)
+         FROM (SELECT j.id, j.account_id, j.asset_id, j.effective_at, j.recorded_at,
+                      j.balance_after,
+                      coalesce(b.amount, 0) + sum(j.amount) OVER w AS expected,
+                      coalesce(lag(j.recorded_at) OVER w, b.updated_at, '-infinity')
+                        AS previous_at
+                 FROM j LEFT JOIN b ON b.account_id = j.account_id AND b.asset_id = j.asset_id
+               WINDOW w AS (PARTITION BY j.account_id, j.asset_id
+                            ORDER BY j.recorded_at, j.id)) x
+        WHERE x.balance_after <> x.expected OR x.recorded_at <= x.previous_at
+           OR x.effective_at > x.recorded_at
+           OR x.recorded_at > clock_timestamp() + interval '1 second'
+        LIMIT 1)
+    ) v LIMIT 1
+  ), g AS (
     SELECT n.account_id, n.asset_id, sum(n.amount) AS total, count(*) AS postings,
            max(n.recorded_at) AS last_at,
            (array_agg(n.balance_after ORDER BY n.recorded_at DESC))[1] AS closing
       FROM new_rows n GROUP BY n.account_id, n.asset_id
   ), moved AS (
-    INSERT INTO ledger_balance AS b (account_id, asset_id, amount, posting_count, updated_at)
+    INSERT INTO ledger_balance AS m (account_id, asset_id, amount, posting_count, updated_at)
     SELECT g.account_id, g.asset_id, g.total, g.postings, g.last_at
-      FROM g ORDER BY g.account_id, g.asset_id
+      FROM g WHERE NOT EXISTS (SELECT 1 FROM violation)
+     ORDER BY g.account_id, g.asset_id
     ON CONFLICT (account_id, asset_id) DO UPDATE
-       SET amount = b.amount + excluded.amount,
-           posting_count = b.posting_count + excluded.posting_count,
+       SET amount = m.amount + excluded.amount,
+           posting_count = m.posting_count + excluded.posting_count,
            updated_at = excluded.updated_at
-    RETURNING b.account_id, b.asset_id, b.amount
+    RETURNING m.account_id, m.asset_id, m.amount
   )
-  SELECT count(*) INTO drifted
-    FROM moved m JOIN g ON g.account_id = m.account_id AND g.asset_id = m.asset_id
-   WHERE m.amount <> g.closing;
-  IF drifted > 0 THEN
+  SELECT (SELECT v.code FROM violation v) AS code, (SELECT v.message FROM violation v) AS message,
+         (SELECT count(*) FROM moved JOIN g ON g.account_id = moved.account_id
+                                         AND g.asset_id = moved.asset_id
+           WHERE moved.amount <> g.closing) AS drifted
+    INTO bad;
+  IF bad.code IS NOT NULL THEN
+    RAISE EXCEPTION USING ERRCODE = bad.code, MESSAGE = bad.message;
+  ELSIF bad.drifted > 0 THEN
     -- Only a writer that did not lock first can get here: another one opened the same
     -- balance between our read and our write. Nothing is written; posting again works.
     RAISE EXCEPTION USING ERRCODE = '40001',
@@ -291,17 +278,28 @@ DECLARE
   l_amount numeric[];
   bad record;
 BEGIN
-  -- 1. Resolve the codes; draw posting ids (each transaction names its first posting).
+  -- 1. Resolve the codes, draw posting ids (each transaction names its first posting)
+  -- and lock the balance rows in (account, asset) order, as every poster does, so that
+  -- posters wait for one another but never deadlock.
+  WITH legs AS MATERIALIZED (
+    SELECT l.ord, l.entry, a.id AS account, s.id AS asset, l.amount, l.id
+      FROM (SELECT u.*, nextval('ledger_posting_id_seq'::regclass) AS id  -- in leg order
+              FROM unnest(p_leg_entry, p_leg_account, p_leg_asset, p_leg_amount)
+                   WITH ORDINALITY AS u(entry, account, asset, amount, ord)) l
+      JOIN ledger_account a ON a.code = l.account
+      JOIN ledger_asset s ON s.code = l.asset
+  ), pairs AS MATERIALIZED (
+    SELECT DISTINCT legs.account, legs.asset FROM legs
+  ), locked AS MATERIALIZED (
+    SELECT b.account_id FROM ledger_balance b
+      JOIN pairs p ON b.account_id = p.account AND b.asset_id = p.asset
+     ORDER BY b.account_id, b.asset_id
+       FOR UPDATE OF b
+  )
   SELECT array_agg(x.entry), array_agg(x.id), array_agg(x.account), array_agg(x.asset),
-         array_agg(x.amount)
-    INTO l_entry, l_id, l_account, l_asset, l_amount
-    FROM (SELECT l.entry, a.id AS account, s.id AS asset, l.amount,
-                 nextval('ledger_posting_id_seq'::regclass) AS id
-            FROM unnest(p_leg_entry, p_leg_account, p_leg_asset, p_leg_amount)
-                 WITH ORDINALITY AS l(entry, account, asset, amount, ord)
-            JOIN ledger_account a ON a.code = l.account
-            JOIN ledger_asset s ON s.code = l.asset
-           ORDER BY l.ord) x;
+         array_agg(x.amount), (SELECT count(*) FROM pairs), (SELECT count(*) FROM locked)
+    INTO l_entry, l_id, l_account, l_asset, l_amount, v_pairs, v_locked
+    FROM (SELECT * FROM legs ORDER BY legs.ord) x;
   IF coalesce(cardinality(l_id), 0) < cardinality(p_leg_entry) THEN
     SELECT (SELECT string_agg(DISTINCT x.code, ', ') FROM unnest(p_leg_account) x(code)
              WHERE NOT EXISTS (SELECT 1 FROM ledger_account a WHERE a.code = x.code)) AS accounts,
@@ -315,15 +313,7 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'TL012', DETAIL = bad.assets,
       MESSAGE = 'unknown assets: ' || bad.assets;
   END IF;
-
-  -- 2. Lock the balance rows in (account, asset) order, as every poster does, so that
-  -- posters wait for one another but never deadlock; open missing ones at zero first.
-  SELECT (SELECT count(*) FROM (SELECT DISTINCT * FROM unnest(l_account, l_asset)) d),
-         (SELECT count(*) FROM (SELECT 1 FROM ledger_balance b
-                                 WHERE (b.account_id, b.asset_id)
-                                       IN (SELECT * FROM unnest(l_account, l_asset))
-                                 ORDER BY b.account_id, b.asset_id FOR UPDATE) x)
-    INTO v_pairs, v_locked;
+  -- 2. A balance row missing is opened at zero (in the same order), then locked.
   IF v_locked < v_pairs THEN
     INSERT INTO ledger_balance (account_id, asset_id, amount, posting_count, updated_at)
     SELECT DISTINCT p.account, p.asset, 0, 0, '-infinity'::timestamptz

@@ -126,7 +126,10 @@ def post_raw(
 
 
 def post_orm(
-    key: str, postings: list[tuple[Account, Asset, int]], reverses: Transaction | None = None
+    key: str,
+    postings: list[tuple[Account, Asset, int]],
+    reverses: Transaction | None = None,
+    effective_at: datetime | None = None,
 ) -> Transaction:
     """The same through the ORM: Transaction.objects.create, Posting.objects.bulk_create.
 
@@ -136,7 +139,11 @@ def post_orm(
     with transaction.atomic():
         ids = posting_ids(max(len(postings), 1))
         tx = Transaction.objects.create(
-            idempotency_key=key, content_hash="x", reverses=reverses, first_posting_id=ids[0]
+            idempotency_key=key,
+            content_hash="x",
+            reverses=reverses,
+            first_posting_id=ids[0],
+            **({"effective_at": effective_at} if effective_at else {}),
         )
         running: dict[tuple[int, int], Balance] = {}
         rows = []
@@ -387,12 +394,11 @@ def test_raw_sql_transaction_dated_in_a_closed_period_is_refused(world, closed_j
 
 
 def test_orm_transaction_dated_in_a_closed_period_is_refused(world, closed_january):
-    with refused("TL003", r"in the closed period"), transaction.atomic():
-        Transaction.objects.create(
-            idempotency_key="orm-closed",
-            content_hash="x",
+    with refused("TL003", r"in the closed period"):
+        post_orm(
+            "orm-closed",
+            [(world["cash"], world["usd"], 5), (world["fees"], world["usd"], -5)],
             effective_at=datetime(2024, 1, 31, 23, 59, 59, 999_999, tzinfo=UTC),
-            first_posting_id=0,
         )
 
 
@@ -483,18 +489,22 @@ def test_orm_writes_to_balances_are_refused(world):
 
 
 def test_raw_sql_future_effective_time_is_refused(world):
-    with refused("TL006", r"is in the future"), transaction.atomic():
-        insert_transaction("raw-future", datetime.now(tz=UTC) + timedelta(seconds=1))
+    cash, fees, usd = world["cash"].id, world["fees"].id, world["usd"].id
+    with refused("TL006", r"is in the future"):
+        post_raw(
+            "raw-future",
+            [(cash, usd, 5), (fees, usd, -5)],
+            datetime.now(tz=UTC) + timedelta(seconds=1),
+        )
 
 
 def test_orm_and_service_refuse_a_future_effective_time(world):
     tomorrow = datetime.now(tz=UTC) + timedelta(days=1)
     with refused("TL006", r"is in the future"):
-        Transaction.objects.create(
-            idempotency_key="orm-future",
-            content_hash="x",
+        post_orm(
+            "orm-future",
+            [(world["cash"], world["usd"], 5), (world["fees"], world["usd"], -5)],
             effective_at=tomorrow,
-            first_posting_id=0,
         )
     before = books_state()
     with pytest.raises(FutureEffectiveTime, match=r"is in the future") as info:
