@@ -121,8 +121,9 @@ CREATE TRIGGER ledger_balance_opened AFTER INSERT ON ledger_balance
 -- move: one statement finds the first broken rule and, if none is, applies the
 -- statement's totals to the balance rows. A transaction is checked with its postings
 -- (it has some: the first-posting foreign key), so no trigger on transactions is needed.
+-- Plans are generic: made once per session (the parameters are arrays of any length).
 CREATE FUNCTION ledger_postings_inserted() RETURNS trigger LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan AS $$
+SET plan_cache_mode = force_generic_plan SET jit = off AS $$
 DECLARE
   bad record;
 BEGIN
@@ -252,12 +253,17 @@ CREATE TRIGGER ledger_postings_inserted AFTER INSERT ON ledger_posting
 -- position. Returns one row per entry, in order: its transaction id and whether this
 -- call created it (an idempotency key posted before with the same content hash is
 -- answered with the stored transaction).
+-- Its plans are generic too, and probe indexes only: its statements touch a few rows of
+-- tables that grow without bound, and balance rows carry many dead versions between
+-- vacuums, so a sequential scan chosen while a table is small costs more every post.
+-- No JIT: compiling a plan costs milliseconds, running one of these microseconds.
 CREATE FUNCTION ledger_post(
   p_keys text[], p_hashes text[], p_descriptions text[], p_effective_at timestamptz[],
   p_metadata text[], p_reverses bigint[],
   p_leg_entry int[], p_leg_account text[], p_leg_asset text[], p_leg_amount numeric[]
 ) RETURNS TABLE (transaction_id bigint, created boolean)
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off AS $$
 #variable_conflict use_column
 DECLARE
   v_created_ord bigint[];
