@@ -125,7 +125,10 @@ CREATE TRIGGER ledger_balance_opened AFTER INSERT ON ledger_balance
 CREATE FUNCTION ledger_postings_inserted() RETURNS trigger LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan SET jit = off AS $$
 DECLARE
+  kept boolean;
   bad record;
+  drifted bigint;
+  missing bigint;
 BEGIN
   -- Under READ COMMITTED each statement sees the closes committed before it (and
   -- period_close's table lock orders the two). An older snapshot (REPEATABLE READ)
@@ -136,108 +139,168 @@ BEGIN
                     WHERE p.starts_at <= n.effective_at AND n.effective_at < p.ends_at)
        FOR SHARE;
   END IF;
-  WITH j AS MATERIALIZED (
-    SELECT n.id, n.transaction_id, n.account_id, n.asset_id, n.amount, n.effective_at,
-           n.recorded_at, n.balance_after, t.id AS tx_id, t.idempotency_key, t.created_xact,
-           t.effective_at AS tx_effective_at, t.recorded_at AS tx_recorded_at, t.reverses_id
-      FROM new_rows n LEFT JOIN ledger_transaction t ON t.id = n.transaction_id
-  ), b AS MATERIALIZED (
-    -- Locked before read (ledger_post holds these locks already).
-    SELECT b.account_id, b.asset_id, b.amount, b.updated_at
-      FROM ledger_balance b
-     WHERE (b.account_id, b.asset_id) IN (SELECT n.account_id, n.asset_id FROM new_rows n)
-     ORDER BY b.account_id, b.asset_id
-       FOR UPDATE
-  ), violation AS MATERIALIZED (
+  -- One pass over the statement's postings with their transactions and their balance
+  -- rows (locked before they are read; ledger_post holds the locks already): are all
+  -- rules kept? Reversals, and entries near a closed period, take the exact path below.
+  SELECT c.ok AND NOT EXISTS (SELECT 1 FROM ledger_period p
+                               WHERE p.status = 'closed' AND p.starts_at <= c.latest
+                                 AND c.earliest < p.ends_at)
+    INTO kept
+    FROM (SELECT coalesce(bool_and(coalesce(
+                   y.tx_id IS NOT NULL AND y.reverses_id IS NULL
+                   AND y.created_xact = pg_current_xact_id()::text::bigint
+                   AND y.effective_at = y.tx_effective_at
+                   AND y.tx_effective_at <= y.tx_recorded_at
+                   AND y.tx_recorded_at >= transaction_timestamp()
+                   AND y.tx_recorded_at <= clock_timestamp()
+                   AND y.tx_asset_total = 0
+                   AND y.balance_after = y.expected AND y.recorded_at > y.previous_at
+                   AND y.effective_at <= y.recorded_at
+                   AND y.recorded_at <= clock_timestamp() + interval '1 second', false)), true)
+                   AS ok,
+                 min(y.tx_effective_at) AS earliest, max(y.tx_effective_at) AS latest
+            FROM (SELECT x.*,
+                         sum(x.amount) OVER (PARTITION BY x.transaction_id, x.asset_id)
+                           AS tx_asset_total,
+                         coalesce(x.opening, 0) + sum(x.amount) OVER w AS expected,
+                         coalesce(lag(x.recorded_at) OVER w, x.opened_at, '-infinity')
+                           AS previous_at
+                    FROM (SELECT n.id, n.transaction_id, n.account_id, n.asset_id, n.amount,
+                                 n.effective_at, n.recorded_at, n.balance_after,
+                                 t.id AS tx_id, t.created_xact, t.reverses_id,
+                                 t.effective_at AS tx_effective_at,
+                                 t.recorded_at AS tx_recorded_at,
+                                 b.amount AS opening, b.updated_at AS opened_at
+                            FROM new_rows n
+                            LEFT JOIN ledger_transaction t ON t.id = n.transaction_id
+                            LEFT JOIN (SELECT b.account_id, b.asset_id, b.amount, b.updated_at
+                                         FROM ledger_balance b
+                                        WHERE (b.account_id, b.asset_id)
+                                              IN (SELECT n.account_id, n.asset_id
+                                                    FROM new_rows n)
+                                        ORDER BY b.account_id, b.asset_id
+                                          FOR UPDATE) b
+                              ON b.account_id = n.account_id AND b.asset_id = n.asset_id) x
+                  WINDOW w AS (PARTITION BY x.account_id, x.asset_id
+                               ORDER BY x.recorded_at, x.id)) y) c;
+
+  IF NOT kept THEN
+    -- The exact path: which rule, with a message that names the row.
+    WITH j AS MATERIALIZED (
+      SELECT n.id, n.transaction_id, n.account_id, n.asset_id, n.amount, n.effective_at,
+             n.recorded_at, n.balance_after, t.id AS tx_id, t.idempotency_key,
+             t.created_xact, t.effective_at AS tx_effective_at,
+             t.recorded_at AS tx_recorded_at, t.reverses_id
+        FROM new_rows n LEFT JOIN ledger_transaction t ON t.id = n.transaction_id
+    ), b AS MATERIALIZED (
+      SELECT b.account_id, b.asset_id, b.amount, b.updated_at
+        FROM ledger_balance b
+       WHERE (b.account_id, b.asset_id) IN (SELECT n.account_id, n.asset_id FROM new_rows n)
+    )
     SELECT v.code, v.message FROM (
-      (SELECT 'TL004' AS code,
-              CASE WHEN j.tx_id IS NULL
-                   THEN format('transaction %s does not exist', j.transaction_id)
-                   ELSE format('transaction %s was committed earlier; '
-                               'postings cannot be added to it', j.transaction_id)
-              END AS message
-         FROM j WHERE j.tx_id IS NULL OR j.created_xact <> pg_current_xact_id()::text::bigint
-        LIMIT 1)
-      UNION ALL
-      (SELECT 'TL006', format('effective time %s is in the future', j.tx_effective_at)
-         FROM j WHERE j.tx_effective_at > j.tx_recorded_at LIMIT 1)
-      UNION ALL
-      (SELECT 'TL003', format('effective time %s falls in the closed period %s to %s',
-                              j.tx_effective_at, p.starts_at, p.ends_at)
-         FROM j JOIN ledger_period p
-           ON p.status = 'closed' AND p.starts_at <= j.tx_effective_at
-          AND j.tx_effective_at < p.ends_at
-        LIMIT 1)
-      UNION ALL
-      (SELECT 'TL004',
-              CASE WHEN j.effective_at <> j.tx_effective_at
-                   THEN format('posting %s is dated %s, its transaction %s %s',
-                               j.id, j.effective_at, j.transaction_id, j.tx_effective_at)
-                   ELSE format('transaction %s (%s): recorded_at is the database''s',
-                               j.transaction_id, j.idempotency_key)
-              END
-         FROM j WHERE j.effective_at <> j.tx_effective_at
-                   OR j.tx_recorded_at < transaction_timestamp()
-                   OR j.tx_recorded_at > clock_timestamp()
-        LIMIT 1)
-      UNION ALL
-      (SELECT 'TL001', format('transaction %s (%s) does not balance: asset %s sums to %s',
-                              j.transaction_id, min(j.idempotency_key),
-                              (SELECT s.code FROM ledger_asset s WHERE s.id = j.asset_id),
-                              sum(j.amount))
-         FROM j GROUP BY j.transaction_id, j.asset_id HAVING sum(j.amount) <> 0
-        LIMIT 1)
-      UNION ALL
-      (SELECT 'TL008', format('transaction %s (%s) reverses %s but does not negate it',
-                              r.tx_id, r.idempotency_key, r.reverses_id)
-         FROM (SELECT DISTINCT j.tx_id, j.idempotency_key, j.reverses_id
-                 FROM j WHERE j.reverses_id IS NOT NULL) r
-        WHERE EXISTS (SELECT 1 FROM ledger_posting p
-                       WHERE p.transaction_id IN (r.tx_id, r.reverses_id)
-                       GROUP BY p.account_id, p.asset_id HAVING sum(p.amount) <> 0)
-        LIMIT 1)
-      UNION ALL
-      (SELECT 'TL009', format('posting %s (account %s, asset %s) recorded at %s with '
-                              'balance_after %s does not follow the balance: expected %s, '
-                              'after %s', x.id, x.account_id, x.asset_id, x.recorded_at,
-                              x.balance_after, x.expected, x.previous_at)
-         FROM (SELECT j.id, j.account_id, j.asset_id, j.effective_at, j.recorded_at,
-                      j.balance_after,
-                      coalesce(b.amount, 0) + sum(j.amount) OVER w AS expected,
-                      coalesce(lag(j.recorded_at) OVER w, b.updated_at, '-infinity')
-                        AS previous_at
-                 FROM j LEFT JOIN b ON b.account_id = j.account_id AND b.asset_id = j.asset_id
-               WINDOW w AS (PARTITION BY j.account_id, j.asset_id
-                            ORDER BY j.recorded_at, j.id)) x
-        WHERE x.balance_after <> x.expected OR x.recorded_at <= x.previous_at
-           OR x.effective_at > x.recorded_at
-           OR x.recorded_at > clock_timestamp() + interval '1 second'
-        LIMIT 1)
-    ) v LIMIT 1
-  ), g AS (
+        (SELECT 'TL004' AS code,
+                CASE WHEN j.tx_id IS NULL
+                     THEN format('transaction %s does not exist', j.transaction_id)
+                     ELSE format('transaction %s was committed earlier; '
+                                 'postings cannot be added to it', j.transaction_id)
+                END AS message
+           FROM j WHERE j.tx_id IS NULL OR j.created_xact <> pg_current_xact_id()::text::bigint
+          LIMIT 1)
+        UNION ALL
+        (SELECT 'TL006', format('effective time %s is in the future', j.tx_effective_at)
+           FROM j WHERE j.tx_effective_at > j.tx_recorded_at LIMIT 1)
+        UNION ALL
+        (SELECT 'TL003', format('effective time %s falls in the closed period %s to %s',
+                                j.tx_effective_at, p.starts_at, p.ends_at)
+           FROM j JOIN ledger_period p
+             ON p.status = 'closed' AND p.starts_at <= j.tx_effective_at
+            AND j.tx_effective_at < p.ends_at
+          LIMIT 1)
+        UNION ALL
+        (SELECT 'TL004',
+                CASE WHEN j.effective_at <> j.tx_effective_at
+                     THEN format('posting %s is dated %s, its transaction %s %s',
+                                 j.id, j.effective_at, j.transaction_id, j.tx_effective_at)
+                     ELSE format('transaction %s (%s): recorded_at is the database''s',
+                                 j.transaction_id, j.idempotency_key)
+                END
+           FROM j WHERE j.effective_at <> j.tx_effective_at
+                     OR j.tx_recorded_at < transaction_timestamp()
+                     OR j.tx_recorded_at > clock_timestamp()
+          LIMIT 1)
+        UNION ALL
+        (SELECT 'TL001', format('transaction %s (%s) does not balance: asset %s sums to %s',
+                                j.transaction_id, min(j.idempotency_key),
+                                (SELECT s.code FROM ledger_asset s WHERE s.id = j.asset_id),
+                                sum(j.amount))
+           FROM j GROUP BY j.transaction_id, j.asset_id HAVING sum(j.amount) <> 0
+          LIMIT 1)
+        UNION ALL
+        (SELECT 'TL008', format('transaction %s (%s) reverses %s but does not negate it',
+                                r.tx_id, r.idempotency_key, r.reverses_id)
+           FROM (SELECT DISTINCT j.tx_id, j.idempotency_key, j.reverses_id
+                   FROM j WHERE j.reverses_id IS NOT NULL) r
+          WHERE EXISTS (SELECT 1 FROM ledger_posting p
+                         WHERE p.transaction_id IN (r.tx_id, r.reverses_id)
+                         GROUP BY p.account_id, p.asset_id HAVING sum(p.amount) <> 0)
+          LIMIT 1)
+        UNION ALL
+        (SELECT 'TL009', format('posting %s (account %s, asset %s) recorded at %s with '
+                                'balance_after %s does not follow the balance: expected %s, '
+                                'after %s', x.id, x.account_id, x.asset_id, x.recorded_at,
+                                x.balance_after, x.expected, x.previous_at)
+           FROM (SELECT j.id, j.account_id, j.asset_id, j.effective_at, j.recorded_at,
+                        j.balance_after,
+                        coalesce(b.amount, 0) + sum(j.amount) OVER w AS expected,
+                        coalesce(lag(j.recorded_at) OVER w, b.updated_at, '-infinity')
+                          AS previous_at
+                   FROM j LEFT JOIN b ON b.account_id = j.account_id AND b.asset_id = j.asset_id
+                 WINDOW w AS (PARTITION BY j.account_id, j.asset_id
+                              ORDER BY j.recorded_at, j.id)) x
+          WHERE x.balance_after <> x.expected OR x.recorded_at <= x.previous_at
+             OR x.effective_at > x.recorded_at
+             OR x.recorded_at > clock_timestamp() + interval '1 second'
+          LIMIT 1)
+      ) v LIMIT 1
+      INTO bad;
+    IF FOUND THEN
+      RAISE EXCEPTION USING ERRCODE = bad.code, MESSAGE = bad.message;
+    END IF;
+  END IF;
+
+  -- The balances move. ledger_post opened every row it needed before locking; a writer
+  -- that did not gets its missing rows opened here.
+  WITH g AS (
     SELECT n.account_id, n.asset_id, sum(n.amount) AS total, count(*) AS postings,
            max(n.recorded_at) AS last_at,
            (array_agg(n.balance_after ORDER BY n.recorded_at DESC))[1] AS closing
       FROM new_rows n GROUP BY n.account_id, n.asset_id
   ), moved AS (
-    INSERT INTO ledger_balance AS m (account_id, asset_id, amount, posting_count, updated_at)
-    SELECT g.account_id, g.asset_id, g.total, g.postings, g.last_at
-      FROM g WHERE NOT EXISTS (SELECT 1 FROM violation)
-     ORDER BY g.account_id, g.asset_id
-    ON CONFLICT (account_id, asset_id) DO UPDATE
-       SET amount = m.amount + excluded.amount,
-           posting_count = m.posting_count + excluded.posting_count,
-           updated_at = excluded.updated_at
+    UPDATE ledger_balance m
+       SET amount = m.amount + g.total, posting_count = m.posting_count + g.postings,
+           updated_at = g.last_at
+      FROM g
+     WHERE m.account_id = g.account_id AND m.asset_id = g.asset_id
     RETURNING m.account_id, m.asset_id, m.amount
   )
-  SELECT (SELECT v.code FROM violation v) AS code, (SELECT v.message FROM violation v) AS message,
-         (SELECT count(*) FROM moved JOIN g ON g.account_id = moved.account_id
-                                         AND g.asset_id = moved.asset_id
-           WHERE moved.amount <> g.closing) AS drifted
-    INTO bad;
-  IF bad.code IS NOT NULL THEN
-    RAISE EXCEPTION USING ERRCODE = bad.code, MESSAGE = bad.message;
-  ELSIF bad.drifted > 0 THEN
+  SELECT count(*) FILTER (WHERE moved.amount <> g.closing),
+         count(*) - count(moved.account_id)
+    INTO drifted, missing
+    FROM g LEFT JOIN moved ON g.account_id = moved.account_id AND g.asset_id = moved.asset_id;
+  IF missing > 0 THEN
+    WITH g AS (
+      SELECT n.account_id, n.asset_id, sum(n.amount) AS total, count(*) AS postings,
+             max(n.recorded_at) AS last_at
+        FROM new_rows n GROUP BY n.account_id, n.asset_id
+    )
+    INSERT INTO ledger_balance (account_id, asset_id, amount, posting_count, updated_at)
+    SELECT g.account_id, g.asset_id, g.total, g.postings, g.last_at
+      FROM g
+     WHERE NOT EXISTS (SELECT 1 FROM ledger_balance b
+                        WHERE b.account_id = g.account_id AND b.asset_id = g.asset_id)
+     ORDER BY g.account_id, g.asset_id;
+  END IF;
+  IF drifted > 0 THEN
     -- Only a writer that did not lock first can get here: another one opened the same
     -- balance between our read and our write. Nothing is written; posting again works.
     RAISE EXCEPTION USING ERRCODE = '40001',
