@@ -3,7 +3,8 @@
 Sign convention: a posting's amount is positive for a debit and negative for a credit,
 so every transaction sums to zero per asset and every asset sums to zero over all
 accounts. The rules that keep this true live in PostgreSQL as well (migration
-0002_rules): balancing at commit, immutability, stored balances, closed periods.
+0002_rules, 0003_set_based_posting): balancing, immutability, stored balances, closed
+periods.
 """
 
 from __future__ import annotations

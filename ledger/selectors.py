@@ -9,10 +9,10 @@ running balance in that order). Effective time never exceeds recorded time, so
 
 The second term is small: either recorded within BACKDATED_LAG after T (an entry
 posted "now" is recorded within microseconds of its effective time), or back-dated by
-more than that, which the GiST index `ledger_posting_backdated_idx` finds by the
-interval [effective, recorded) containing T + BACKDATED_LAG. Each term is an index
-probe whose cost is the number of postings it sums, not the account's history: what
-grows it is back-dating across T, not time.
+more than that, which `ledger_posting_backdated_idx` finds by lag class: a posting
+of class k was recorded less than 10 ms x 2^k after its effective time, so one range
+probe per class (41 of them, up to centuries of lag) reads about twice the postings
+that straddle T. The cost follows the postings back-dated across T, not the history.
 """
 
 from __future__ import annotations
@@ -55,12 +55,19 @@ SELECT coalesce((SELECT balance_after FROM ledger_posting
                   WHERE account_id = %(account)s AND asset_id = %(asset)s
                     AND recorded_at > %(at)s AND recorded_at <= %(at)s + %(lag)s
                     AND effective_at <= %(at)s), 0)
-     + coalesce((SELECT sum(amount) FROM ledger_posting
-                  WHERE account_id = %(account)s AND asset_id = %(asset)s
-                    AND tstzrange(effective_at, recorded_at, '[)')
-                        @> (%(at)s::timestamptz + %(lag)s::interval)
-                    AND effective_at <= %(at)s
-                    AND recorded_at - effective_at > interval '10 milliseconds'), 0)
+     + coalesce((SELECT sum(p.amount)
+                   FROM generate_series(1, 41) AS c(lag_class)
+                   CROSS JOIN LATERAL (
+                        SELECT amount FROM ledger_posting
+                         WHERE account_id = %(account)s AND asset_id = %(asset)s
+                           AND ledger_lag_class(recorded_at - effective_at) = c.lag_class
+                           AND recorded_at > %(at)s + %(lag)s
+                           AND recorded_at < CASE WHEN c.lag_class < 41
+                                THEN %(at)s::timestamptz
+                                     + interval '10 milliseconds' * power(2, c.lag_class)
+                                ELSE 'infinity' END
+                           AND effective_at <= %(at)s
+                           AND recorded_at - effective_at > interval '10 milliseconds') p), 0)
 """
 
 

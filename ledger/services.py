@@ -2,7 +2,7 @@
 
 One way in (`transactions_post`, with `transaction_post` for one entry), one way to
 correct (`transaction_reverse`). The database enforces the same rules again
-(migration 0002_rules); the checks here run first so callers get a precise error.
+(migrations 0002 and 0003); the checks here run first so callers get a precise error.
 
 Hot path: posting is one call of the SQL function `ledger_post()` (migration 0003)
 with the batch as arrays. Through the ORM, `bulk_create` builds a model instance per

@@ -1,8 +1,10 @@
-"""Each rule of the books attacked where it lives: in PostgreSQL (ledger/migrations/0002_rules).
+"""Each rule of the books attacked where it lives: in PostgreSQL (ledger migrations 0002, 0003).
 
 Every attack goes once through raw SQL and once through the ORM, and asserts which rule
-fired by its SQLSTATE, then that nothing was written. The balancing rule is a deferred
-trigger that fires at COMMIT, so these tests commit for real (transaction=True).
+fired by its SQLSTATE, then that nothing was written. Some rules are checked at COMMIT
+(the first-posting foreign key), so these tests commit for real (transaction=True).
+The attacks start from a correct writer that is not ledger_post() (INSERT_POSTINGS,
+post_orm) and break one thing at a time.
 """
 
 from __future__ import annotations
