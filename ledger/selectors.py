@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg
 from django.db import connection
 
 from ledger.models import DEBIT_NORMAL_KINDS, Posting
@@ -71,14 +72,29 @@ SELECT coalesce((SELECT balance_after FROM ledger_posting
 """
 
 
+# The same with typed parameters, so that one generic plan serves every call.
+_BALANCE_AS_OF_TYPED = (
+    _BALANCE_AS_OF.replace("%(account)s", "%(account)s::bigint")
+    .replace("%(asset)s", "%(asset)s::bigint")
+    .replace("%(at)s", "%(at)s::timestamptz")
+    .replace("%(lag)s", "%(lag)s::interval")
+    .replace("::timestamptz::timestamptz", "::timestamptz")
+)
+
+
 def balance_as_of(*, account_id: int, asset_id: int, at: datetime) -> int:
-    """Return the balance of postings effective at or before `at`; cost independent of history."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            _BALANCE_AS_OF,
-            {"account": account_id, "asset": asset_id, "at": at, "lag": BACKDATED_LAG},  # type: ignore[dict-item]
-        )
-        row = cursor.fetchone()
+    """Return the balance of postings effective at or before `at`; cost independent of history.
+
+    A prepared statement on a server-binding cursor: planning this query (41 lag-class
+    probes) costs more than running it, so it is planned once per connection.
+    """
+    params = {"account": account_id, "asset": asset_id, "at": at, "lag": BACKDATED_LAG}
+    with connection.wrap_database_errors:
+        connection.ensure_connection()
+        with psycopg.Cursor(connection.connection) as cursor:
+            cursor.execute(_BALANCE_AS_OF_TYPED, params, prepare=True)
+            row = cursor.fetchone()
+    assert row is not None
     return int(row[0])
 
 
