@@ -1,18 +1,20 @@
-"""Posting, set-based: one call and one statement per table for a whole batch.
+"""Posting, set-based: one call for a whole batch, each rule checked once per statement.
 
 Migration 0002 kept the books with row-level triggers: a balance UPDATE per leg, a
 deferred balancing check and a period lookup per transaction, and PostgreSQL's own
 foreign-key checks, three per leg, at commit. Measured with `bench ledger`, those
 per-row steps were most of the cost of posting (about 50 microseconds per leg).
-Here every rule is checked once per statement over the statement's rows (transition
-tables), and `ledger_post()` writes a batch in four statements whatever its size:
+Here one statement-level trigger on postings checks every rule over the statement's
+rows (a transition table) and moves the balances, and `ledger_post()` writes a batch
+in four statements whatever its size:
 
-  ledger_post(entries..., legs...)   insert transactions ON CONFLICT DO NOTHING; lock
-                                     the balance rows in (account, asset) order; insert
-                                     postings with recorded_at and balance_after
-                                     computed under those locks; return the ids.
+  ledger_post(entries..., legs...)   resolve codes and lock the balance rows in
+                                     (account, asset) order; insert the transactions
+                                     ON CONFLICT DO NOTHING; insert the postings with
+                                     recorded_at and balance_after computed under the
+                                     locks; return the ids.
 
-What the database enforces, whoever writes (same SQLSTATEs as 0002, plus TL009-TL011):
+What the database enforces, whoever writes (same SQLSTATEs as 0002, plus TL009-TL012):
 
   TL001  each statement's postings balance per (transaction, asset), so a transaction
          balances at commit; a transaction has postings: its first_posting_id is a
@@ -29,7 +31,9 @@ What the database enforces, whoever writes (same SQLSTATEs as 0002, plus TL009-T
   TL009  recorded_at strictly increases per (account, asset) from the stored balance's
          last posting, and balance_after is the running balance in that order
   TL010  an idempotency key posted again with different content (ledger_post)
-  TL011  an unknown account or asset code (ledger_post)
+  TL011  an unknown account code, TL012 an unknown asset code (ledger_post)
+
+Irreversible: 0002's row-level rules are not restored by migrating back.
 """
 
 import django.db.models.deletion
