@@ -246,10 +246,10 @@ def _posting_error(error: DatabaseError) -> LedgerError | None:
     return None
 
 
-# One call per batch: ledger_post() (migration 0003) inserts the transactions, locks
-# the balance rows in (account, asset) order, inserts the postings with their running
-# balances and returns the ids, in four statements whatever the batch size. Outside an
-# atomic block the call is its own database transaction: one round trip in all.
+# One call per batch: ledger_post() (migration 0003) locks the balance rows in
+# (account, asset) order, inserts the transactions, then the postings with their
+# running balances, and returns the ids: four statements whatever the batch size.
+# Outside an atomic block the call is its own database transaction: one round trip.
 #
 # Parameters go in binary (%b) through a server-binding cursor on Django's connection:
 # Django's default client-side cursor quotes every array element with a regex and the
