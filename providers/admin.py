@@ -112,7 +112,8 @@ class NodeApiKeyAdmin(admin.ModelAdmin):
             messages.WARNING,
         )
 
-    @admin.action(description="Revoke the selected keys (refused at once)")
+    # Revoking changes a key: a staff member who may only view keys does not get it.
+    @admin.action(description="Revoke the selected keys (refused at once)", permissions=["change"])
     def revoke(self, request: HttpRequest, queryset: QuerySet[NodeApiKey]) -> None:
         for key in queryset:
             node_key_revoke(key=key)

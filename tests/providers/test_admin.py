@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.test import Client
 
 from providers.models import NodeApiKey, UsageRecord, UsageReport
@@ -46,6 +47,23 @@ def test_the_revoke_action_refuses_the_key_at_once(staff: Client, post, key_pair
     key.refresh_from_db()
     assert key.revoked_at is not None
     assert post(factories.report_make(1)).json()["code"] == "invalid_key"
+
+
+def test_the_revoke_action_needs_the_change_permission(post, key_pair) -> None:
+    key, _ = key_pair
+    viewer = get_user_model().objects.create_user("auditor", password="pw", is_staff=True)
+    viewer.user_permissions.set(Permission.objects.filter(codename="view_nodeapikey"))
+    client = Client()
+    client.force_login(viewer)
+
+    page = client.get("/admin/providers/nodeapikey/")
+    client.post("/admin/providers/nodeapikey/", {"action": "revoke", "_selected_action": [key.pk]})
+
+    assert page.status_code == 200
+    assert b'value="revoke"' not in page.content
+    key.refresh_from_db()
+    assert key.revoked_at is None
+    assert post(factories.report_make(1)).status_code == 201  # the key still works
 
 
 def test_usage_pages_show_and_never_edit(staff: Client, post) -> None:
