@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import psycopg
 from django.db import connection
 
+from ledger.binding import bound_cursor
 from ledger.models import DEBIT_NORMAL_KINDS, Posting
 
 BACKDATED_LAG = timedelta(milliseconds=10)  # the index predicate of migration 0003
@@ -49,51 +49,41 @@ def balance_get(*, account_id: int, asset_id: int) -> int:
 
 _BALANCE_AS_OF = """
 SELECT coalesce((SELECT balance_after FROM ledger_posting
-                  WHERE account_id = %(account)s AND asset_id = %(asset)s
-                    AND recorded_at <= %(at)s
+                  WHERE account_id = %(account)s::bigint AND asset_id = %(asset)s::bigint
+                    AND recorded_at <= %(at)s::timestamptz
                   ORDER BY recorded_at DESC LIMIT 1), 0)
      + coalesce((SELECT sum(amount) FROM ledger_posting
-                  WHERE account_id = %(account)s AND asset_id = %(asset)s
-                    AND recorded_at > %(at)s AND recorded_at <= %(at)s + %(lag)s
-                    AND effective_at <= %(at)s), 0)
+                  WHERE account_id = %(account)s::bigint AND asset_id = %(asset)s::bigint
+                    AND recorded_at > %(at)s::timestamptz
+                    AND recorded_at <= %(at)s::timestamptz + %(lag)s::interval
+                    AND effective_at <= %(at)s::timestamptz), 0)
      + coalesce((SELECT sum(p.amount)
                    FROM generate_series(1, 41) AS c(lag_class)
                    CROSS JOIN LATERAL (
                         SELECT amount FROM ledger_posting
-                         WHERE account_id = %(account)s AND asset_id = %(asset)s
+                         WHERE account_id = %(account)s::bigint AND asset_id = %(asset)s::bigint
                            AND ledger_lag_class(recorded_at - effective_at) = c.lag_class
-                           AND recorded_at > %(at)s + %(lag)s
+                           AND recorded_at > %(at)s::timestamptz + %(lag)s::interval
                            AND recorded_at < CASE WHEN c.lag_class < 41
                                 THEN %(at)s::timestamptz
                                      + interval '10 milliseconds' * power(2, c.lag_class)
                                 ELSE 'infinity' END
-                           AND effective_at <= %(at)s
+                           AND effective_at <= %(at)s::timestamptz
                            AND recorded_at - effective_at > interval '10 milliseconds') p), 0)
 """
-
-
-# The same with typed parameters, so that one generic plan serves every call.
-_BALANCE_AS_OF_TYPED = (
-    _BALANCE_AS_OF.replace("%(account)s", "%(account)s::bigint")
-    .replace("%(asset)s", "%(asset)s::bigint")
-    .replace("%(at)s", "%(at)s::timestamptz")
-    .replace("%(lag)s", "%(lag)s::interval")
-    .replace("::timestamptz::timestamptz", "::timestamptz")
-)
 
 
 def balance_as_of(*, account_id: int, asset_id: int, at: datetime) -> int:
     """Return the balance of postings effective at or before `at`; cost independent of history.
 
-    A prepared statement on a server-binding cursor: planning this query (41 lag-class
-    probes) costs more than running it, so it is planned once per connection.
+    A prepared statement (ledger.binding): planning this query (41 lag-class probes)
+    costs more than running it, so it is planned once per connection, and its
+    parameters are typed so that one generic plan serves every call.
     """
     params = {"account": account_id, "asset": asset_id, "at": at, "lag": BACKDATED_LAG}
-    with connection.wrap_database_errors:
-        connection.ensure_connection()
-        with psycopg.Cursor(connection.connection) as cursor:
-            cursor.execute(_BALANCE_AS_OF_TYPED, params, prepare=True)
-            row = cursor.fetchone()
+    with bound_cursor() as cursor:
+        cursor.execute(_BALANCE_AS_OF, params, prepare=True)
+        row = cursor.fetchone()
     assert row is not None
     return int(row[0])
 
