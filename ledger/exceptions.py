@@ -8,6 +8,7 @@ the same call can succeed. Database rule violations (SQLSTATE class TL, migratio
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
 
 from django.db import Error as DatabaseError
@@ -116,7 +117,14 @@ SQLSTATE_ERRORS: dict[str, type[LedgerError]] = {
     "TL007": FixedColumn,
     "TL008": ReversalMismatch,
     "TL009": RunningBalanceMismatch,
+    "TL010": IdempotencyConflict,
+    "TL011": UnknownAccount,
+    "TL012": UnknownAsset,
 }
+
+# ledger_post() puts what the caller acts on (the key and the stored transaction, the
+# unknown codes) in the error's DETAIL, as a JSON object: it becomes the error's extra.
+DETAILED_SQLSTATES = frozenset({"TL010", "TL011", "TL012"})
 
 
 def sqlstate_of(error: BaseException) -> str | None:
@@ -138,4 +146,7 @@ def translate_database_error(error: DatabaseError) -> LedgerError | None:
     cause = error.__cause__
     diag = getattr(cause, "diag", None)
     message = getattr(diag, "message_primary", None) or str(error)
+    detail = getattr(diag, "message_detail", None)
+    if state in DETAILED_SQLSTATES and detail:
+        return SQLSTATE_ERRORS[state](message, extra=json.loads(detail))
     return SQLSTATE_ERRORS[state](message, extra={"sqlstate": state})

@@ -382,17 +382,20 @@ BEGIN
     INTO l_entry, l_id, l_account, l_asset, l_amount, v_pairs, v_locked
     FROM (SELECT * FROM legs ORDER BY legs.ord) x;
   IF coalesce(cardinality(l_id), 0) < cardinality(p_leg_entry) THEN
-    SELECT (SELECT string_agg(DISTINCT x.code, ', ') FROM unnest(p_leg_account) x(code)
+    -- DETAIL carries, as a JSON object, what the caller acts on (ledger/exceptions.py).
+    SELECT (SELECT array_agg(DISTINCT x.code ORDER BY x.code) FROM unnest(p_leg_account) x(code)
              WHERE NOT EXISTS (SELECT 1 FROM ledger_account a WHERE a.code = x.code)) AS accounts,
-           (SELECT string_agg(DISTINCT x.code, ', ') FROM unnest(p_leg_asset) x(code)
+           (SELECT array_agg(DISTINCT x.code ORDER BY x.code) FROM unnest(p_leg_asset) x(code)
              WHERE NOT EXISTS (SELECT 1 FROM ledger_asset s WHERE s.code = x.code)) AS assets
       INTO bad;
     IF bad.accounts IS NOT NULL THEN
-      RAISE EXCEPTION USING ERRCODE = 'TL011', DETAIL = bad.accounts,
-        MESSAGE = 'unknown accounts: ' || bad.accounts;
+      RAISE EXCEPTION USING ERRCODE = 'TL011',
+        DETAIL = json_build_object('accounts', bad.accounts[1:100]),
+        MESSAGE = 'unknown accounts: ' || array_to_string(bad.accounts[1:10], ', ');
     END IF;
-    RAISE EXCEPTION USING ERRCODE = 'TL012', DETAIL = bad.assets,
-      MESSAGE = 'unknown assets: ' || bad.assets;
+    RAISE EXCEPTION USING ERRCODE = 'TL012',
+      DETAIL = json_build_object('assets', bad.assets[1:100]),
+      MESSAGE = 'unknown assets: ' || array_to_string(bad.assets[1:10], ', ');
   END IF;
   -- 2. A balance row missing is opened at zero (in the same order), then locked.
   IF v_locked < v_pairs THEN
@@ -451,7 +454,8 @@ BEGIN
       RAISE EXCEPTION USING ERRCODE = '40001',
         MESSAGE = format('transaction %s was being posted concurrently; post again', bad.key);
     ELSIF FOUND THEN
-      RAISE EXCEPTION USING ERRCODE = 'TL010', DETAIL = bad.id::text,
+      RAISE EXCEPTION USING ERRCODE = 'TL010',
+        DETAIL = json_build_object('idempotency_key', bad.key, 'transaction_id', bad.id),
         MESSAGE = format('idempotency key %s was already posted with different content',
                          bad.key);
     END IF;
