@@ -111,7 +111,11 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
                 int(sizes["read_postings_small"]),
                 int(sizes["read_postings"]),
                 int(sizes["reads"]),
-                float(options.get("backdated_s") or BACKDATED_S_MAX),
+                float(
+                    BACKDATED_S_MAX
+                    if options.get("backdated_s") is None
+                    else options["backdated_s"]
+                ),
             )
         )
         with connection.cursor() as cursor:
