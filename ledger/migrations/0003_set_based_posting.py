@@ -343,12 +343,14 @@ SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off 
 DECLARE
   v_created_ord bigint[];
   v_created_id bigint[];
-  p_id bigint[];
-  p_tx bigint[];
-  p_account bigint[];
-  p_asset bigint[];
-  p_amount numeric[];
-  p_effective timestamptz[];
+  -- The postings of the entries this call creates, as arrays ("new_"); the legs of all
+  -- entries, resolved ("l_"); parameters are "p_".
+  new_id bigint[];
+  new_tx bigint[];
+  new_account bigint[];
+  new_asset bigint[];
+  new_amount numeric[];
+  new_effective timestamptz[];
   v_pairs bigint;
   v_locked bigint;
   v_now timestamptz;
@@ -440,7 +442,8 @@ BEGIN
          (SELECT array_agg(c.id ORDER BY c.ord) FROM created c),
          array_agg(legs.id), array_agg(legs.tx), array_agg(legs.account), array_agg(legs.asset),
          array_agg(legs.amount), array_agg(legs.effective_at)
-    INTO v_created_ord, v_created_id, p_id, p_tx, p_account, p_asset, p_amount, p_effective
+    INTO v_created_ord, v_created_id,
+         new_id, new_tx, new_account, new_asset, new_amount, new_effective
     FROM legs;
 
   IF coalesce(cardinality(v_created_ord), 0) < cardinality(p_keys) THEN
@@ -470,7 +473,7 @@ BEGIN
            greatest(b.updated_at + interval '1 microsecond', v_now)
              + (row_number() OVER w - 1) * interval '1 microsecond',
            b.amount + sum(l.amount) OVER w
-      FROM unnest(p_id, p_tx, p_account, p_asset, p_amount, p_effective)
+      FROM unnest(new_id, new_tx, new_account, new_asset, new_amount, new_effective)
            AS l(id, tx, account, asset, amount, effective_at)
       JOIN ledger_balance b ON b.account_id = l.account AND b.asset_id = l.asset
     WINDOW w AS (PARTITION BY l.account, l.asset ORDER BY l.id);
