@@ -123,6 +123,11 @@ def account_open(
 # --- posting -----------------------------------------------------------------------
 
 
+# One encoder for every hash (json.dumps with options builds a new one per call); its
+# output must never change: stored hashes are compared with it on every replay.
+_CONTENT_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
+
 def _content_hash(entry: Entry) -> str:
     """Return a digest of what the entry says, independent of the order of its legs."""
     content = {
@@ -135,8 +140,7 @@ def _content_hash(entry: Entry) -> str:
         "metadata": entry.metadata,
         "reverses": entry.reverses_id,
     }
-    encoded = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(encoded.encode()).hexdigest()
+    return hashlib.sha256(_CONTENT_ENCODER.encode(content).encode()).hexdigest()
 
 
 def _validate(entry: Entry) -> None:

@@ -43,22 +43,18 @@ BEGIN
   -- first recorded after its last posting; every balance_after its amount plus the
   -- running sum), and the same pass says whether every rule held. The UPDATE locks the
   -- rows it moves (ledger_post holds them already, in order).
-  WITH x AS MATERIALIZED (
-    SELECT n.id, n.transaction_id, n.account_id, n.asset_id, n.amount, n.effective_at,
-           n.recorded_at, n.balance_after,
-           sum(n.amount) OVER w AS running,
-           n.balance_after - sum(n.amount) OVER w AS opening,
-           lag(n.recorded_at) OVER w AS previous_at,
-           row_number() OVER w AS k
-      FROM new_rows n
-    WINDOW w AS (PARTITION BY n.account_id, n.asset_id ORDER BY n.recorded_at, n.id)
-  ), g AS MATERIALIZED (
-    -- per balance row: its last posting, and whether all of them imply one opening
-    SELECT x.account_id, x.asset_id, count(*) AS postings, min(x.recorded_at) AS first_at,
-           max(x.recorded_at) AS last_at, min(x.opening) AS opening,
-           min(x.opening) = max(x.opening) AS chained,
-           (array_agg(x.running ORDER BY x.k DESC))[1] AS total
-      FROM x GROUP BY x.account_id, x.asset_id
+  WITH g AS MATERIALIZED (
+    -- per balance row: what its postings add, and whether they all imply one opening
+    -- balance (balance_after minus the running sum, in recorded order)
+    SELECT y.account_id, y.asset_id, count(*) AS postings, sum(y.amount) AS total,
+           min(y.recorded_at) AS first_at, max(y.recorded_at) AS last_at,
+           min(y.opening) AS opening, min(y.opening) = max(y.opening) AS chained
+      FROM (SELECT n.account_id, n.asset_id, n.amount, n.recorded_at,
+                   n.balance_after - sum(n.amount) OVER (PARTITION BY n.account_id, n.asset_id
+                                                         ORDER BY n.recorded_at, n.id)
+                     AS opening
+              FROM new_rows n) y
+     GROUP BY y.account_id, y.asset_id
   ), moved AS (
     UPDATE ledger_balance m
        SET amount = m.amount + g.total, posting_count = m.posting_count + g.postings,
@@ -68,23 +64,26 @@ BEGIN
        AND g.chained AND m.amount = g.opening AND m.updated_at < g.first_at
     RETURNING m.account_id, m.asset_id
   )
+  -- (per transaction, not per posting: one probe each; and every balance row moved)
   SELECT coalesce(bool_and(coalesce(
            t.reverses_id IS NULL
            AND t.created_xact = pg_current_xact_id()::text::bigint
-           AND x.effective_at = t.effective_at
+           AND d.earliest = t.effective_at AND d.latest = t.effective_at
            AND t.effective_at <= t.recorded_at
            AND t.recorded_at >= transaction_timestamp()
            AND t.recorded_at <= clock_timestamp()
-           AND x.effective_at <= x.recorded_at
-           AND x.recorded_at <= clock_timestamp() + interval '1 second'
-           AND mv.account_id IS NOT NULL, false)), true)
+           AND d.dated_before_recorded
+           AND d.last_recorded_at <= clock_timestamp() + interval '1 second', false)), true)
+         AND (SELECT count(*) FROM moved) = (SELECT count(*) FROM g)
          AND NOT EXISTS (SELECT 1 FROM new_rows n GROUP BY n.transaction_id, n.asset_id
                           HAVING sum(n.amount) <> 0),
          min(t.effective_at), max(t.effective_at)
     INTO kept, earliest, latest
-    FROM x
-    LEFT JOIN ledger_transaction t ON t.id = x.transaction_id
-    LEFT JOIN moved mv ON mv.account_id = x.account_id AND mv.asset_id = x.asset_id;
+    FROM (SELECT n.transaction_id, min(n.effective_at) AS earliest,
+                 max(n.effective_at) AS latest, max(n.recorded_at) AS last_recorded_at,
+                 bool_and(n.effective_at <= n.recorded_at) AS dated_before_recorded
+            FROM new_rows n GROUP BY n.transaction_id) d
+    LEFT JOIN ledger_transaction t ON t.id = d.transaction_id;
 
   IF kept AND NOT EXISTS (SELECT 1 FROM ledger_period p
                            WHERE p.status = 'closed' AND p.starts_at <= latest

@@ -140,6 +140,63 @@ def test_replay_with_the_same_instant_written_in_another_time_zone_is_the_same_c
     assert (again.transaction_id, again.created) == (first.transaction_id, False)
 
 
+# --- one entry: ledger_post's small-statement path (migration 0004) ------------------
+
+
+def running_balances(tx_id: int) -> list[tuple[str, str, int, int]]:
+    """Return each posting's account, asset, amount and balance_after, in recorded order."""
+    return [
+        (a, s, int(n), int(b))
+        for a, s, n, b in Posting.objects.filter(transaction_id=tx_id)
+        .order_by("account__code", "asset__code", "recorded_at")
+        .values_list("account__code", "asset__code", "amount", "balance_after")
+    ]
+
+
+def test_one_entry_with_several_legs_on_one_account_keeps_a_running_balance(world):
+    transfer("before", "platform:cash", "platform:fees", 1_000)
+    posted = transaction_post(
+        idempotency_key="split",
+        legs=legs(
+            ("platform:cash", "USD", 300),
+            ("platform:fees", "USD", -100),
+            ("platform:cash", "USD", -50),
+            ("platform:fees", "USD", -150),
+            ("platform:cash", "TOK", 7),
+            ("enterprise:acme:credit", "TOK", -7),
+        ),
+    )
+    assert running_balances(posted.transaction_id) == [
+        ("enterprise:acme:credit", "TOK", -7, -7),
+        ("platform:cash", "TOK", 7, 7),
+        ("platform:cash", "USD", 300, 1_300),
+        ("platform:cash", "USD", -50, 1_250),
+        ("platform:fees", "USD", -100, -1_100),
+        ("platform:fees", "USD", -150, -1_250),
+    ]
+    assert stored_balances()[("platform:cash", "USD")] == 1_250
+    assert_books_hold()
+
+
+def test_one_entry_opens_the_balance_rows_it_needs(world):
+    account_open(code="enterprise:new:unbilled", kind=AccountKind.ASSET)
+    posted = transaction_post(
+        idempotency_key="first-use",
+        legs=legs(("enterprise:new:unbilled", "USD", 42), ("platform:fees", "USD", -42)),
+    )
+    assert posted.created
+    assert stored_balances()[("enterprise:new:unbilled", "USD")] == 42
+    assert_books_hold()
+
+
+def test_one_entry_above_the_small_path_posts_through_the_set_path(world):
+    many = [("platform:cash", "USD", 1)] * 40 + [("platform:fees", "USD", -40)]
+    posted = transaction_post(idempotency_key="wide", legs=legs(*many))
+    balances = [b for a, _, _, b in running_balances(posted.transaction_id) if a == "platform:cash"]
+    assert balances == list(range(1, 41))
+    assert_books_hold()
+
+
 # --- batches ---------------------------------------------------------------------------
 
 
