@@ -253,6 +253,26 @@ SELECT transaction_id, created
 """
 
 
+# One entry moving one asset between two accounts, the usual call: scalar parameters
+# (migration 0005). Measured from Python, 908-980/s against 563/s for the same entry
+# as ten one-element arrays through ledger_post().
+_LEDGER_POST_TRANSFER = """
+SELECT transaction_id, created
+  FROM ledger_post_transfer(%b::text, %b::text, %b::text, %b::timestamptz, %b::text,
+                            %b::text, %b::text, %b::text, %b::numeric)
+"""
+
+
+def _is_transfer(entry: Entry) -> bool:
+    first, *rest = entry.legs
+    return (
+        len(rest) == 1
+        and entry.reverses_id is None
+        and first.asset == rest[0].asset
+        and first.account != rest[0].account
+    )
+
+
 def transactions_post(*, entries: Sequence[Entry]) -> list[Posted]:
     """Post `entries` atomically, in order; return one `Posted` per entry.
 
@@ -268,6 +288,8 @@ def transactions_post(*, entries: Sequence[Entry]) -> list[Posted]:
     for entry in entries:
         _validate(entry)
     _check_reversals([e for e in entries if e.reverses_id is not None])
+    if len(entries) == 1 and _is_transfer(entries[0]):
+        return [_post_transfer(entries[0])]
     leg_entry: list[int] = []
     leg_account: list[str] = []
     leg_asset: list[str] = []
@@ -300,6 +322,27 @@ def transactions_post(*, entries: Sequence[Entry]) -> list[Posted]:
         Posted(transaction_id=tx_id, idempotency_key=entry.idempotency_key, created=created)
         for entry, (tx_id, created) in zip(entries, rows, strict=True)
     ]
+
+
+def _post_transfer(entry: Entry) -> Posted:
+    debit, credit = entry.legs  # validated: balanced, so credit.amount == -debit.amount
+    params = [
+        entry.idempotency_key,
+        _content_hash(entry),
+        entry.description,
+        entry.effective_at,
+        json.dumps(entry.metadata, default=str) if entry.metadata else "{}",
+        debit.account,
+        credit.account,
+        debit.asset,
+        str(debit.amount),
+    ]
+    scope = transaction.atomic() if connection.in_atomic_block else nullcontext()
+    with _database_rules(), scope, bound_cursor() as cursor:
+        cursor.execute(_LEDGER_POST_TRANSFER, params)
+        row = cursor.fetchone()
+    assert row is not None
+    return Posted(transaction_id=row[0], idempotency_key=entry.idempotency_key, created=row[1])
 
 
 def transaction_post(

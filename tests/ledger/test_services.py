@@ -179,13 +179,36 @@ def test_one_entry_with_several_legs_on_one_account_keeps_a_running_balance(worl
 
 
 def test_one_entry_opens_the_balance_rows_it_needs(world):
+    """Two legs take ledger_post_transfer (0005), three the one-entry path of 0004."""
     account_open(code="enterprise:new:unbilled", kind=AccountKind.ASSET)
-    posted = transaction_post(
+    account_open(code="enterprise:other:unbilled", kind=AccountKind.ASSET)
+    transfer_ = transaction_post(
         idempotency_key="first-use",
         legs=legs(("enterprise:new:unbilled", "USD", 42), ("platform:fees", "USD", -42)),
     )
-    assert posted.created
-    assert stored_balances()[("enterprise:new:unbilled", "USD")] == 42
+    three = transaction_post(
+        idempotency_key="first-use-3",
+        legs=legs(
+            ("enterprise:other:unbilled", "TOK", 5),
+            ("platform:fees", "TOK", -2),
+            ("enterprise:new:unbilled", "TOK", -3),
+        ),
+    )
+    assert (transfer_.created, three.created) == (True, True)
+    balances = stored_balances()
+    assert balances[("enterprise:new:unbilled", "USD")] == 42
+    assert balances[("enterprise:other:unbilled", "TOK")] == 5
+    assert balances[("enterprise:new:unbilled", "TOK")] == -3
+    again = transaction_post(
+        idempotency_key="first-use",
+        legs=legs(("platform:fees", "USD", -42), ("enterprise:new:unbilled", "USD", 42)),
+    )
+    assert (again.transaction_id, again.created) == (transfer_.transaction_id, False)
+    with pytest.raises(IdempotencyConflict):
+        transaction_post(
+            idempotency_key="first-use",
+            legs=legs(("enterprise:new:unbilled", "USD", 43), ("platform:fees", "USD", -43)),
+        )
     assert_books_hold()
 
 
