@@ -263,6 +263,22 @@ SELECT transaction_id, created
 """
 
 
+def _call(query: str, params: list[Any]) -> list[tuple[Any, ...]]:
+    """Run a posting function; its rows, or the ledger error a database rule stands for.
+
+    Inside a caller's atomic block, a savepoint, so that a refused post leaves the
+    caller's transaction usable; outside one, the single statement commits on its own.
+    """
+    scope = transaction.atomic() if connection.in_atomic_block else nullcontext()
+    with _database_rules(), scope, bound_cursor() as cursor:
+        cursor.execute(query, params)
+        return cursor.fetchall()
+
+
+def _metadata_json(entry: Entry) -> str:
+    return json.dumps(entry.metadata, default=str) if entry.metadata else "{}"
+
+
 def _is_transfer(entry: Entry) -> bool:
     first, *rest = entry.legs
     return (
@@ -305,19 +321,14 @@ def transactions_post(*, entries: Sequence[Entry]) -> list[Posted]:
         [_content_hash(e) for e in entries],
         [e.description for e in entries],
         [e.effective_at for e in entries],
-        [json.dumps(e.metadata, default=str) if e.metadata else "{}" for e in entries],
+        [_metadata_json(e) for e in entries],
         [e.reverses_id for e in entries],
         leg_entry,
         leg_account,
         leg_asset,
         leg_amount,
     ]
-    # Inside a caller's atomic block, a savepoint, so that a refused batch leaves the
-    # caller's transaction usable; outside one, the single statement commits on its own.
-    scope = transaction.atomic() if connection.in_atomic_block else nullcontext()
-    with _database_rules(), scope, bound_cursor() as cursor:
-        cursor.execute(_LEDGER_POST, params)
-        rows = cursor.fetchall()
+    rows = _call(_LEDGER_POST, params)
     return [
         Posted(transaction_id=tx_id, idempotency_key=entry.idempotency_key, created=created)
         for entry, (tx_id, created) in zip(entries, rows, strict=True)
@@ -331,18 +342,14 @@ def _post_transfer(entry: Entry) -> Posted:
         _content_hash(entry),
         entry.description,
         entry.effective_at,
-        json.dumps(entry.metadata, default=str) if entry.metadata else "{}",
+        _metadata_json(entry),
         debit.account,
         credit.account,
         debit.asset,
         str(debit.amount),
     ]
-    scope = transaction.atomic() if connection.in_atomic_block else nullcontext()
-    with _database_rules(), scope, bound_cursor() as cursor:
-        cursor.execute(_LEDGER_POST_TRANSFER, params)
-        row = cursor.fetchone()
-    assert row is not None
-    return Posted(transaction_id=row[0], idempotency_key=entry.idempotency_key, created=row[1])
+    ((tx_id, created),) = _call(_LEDGER_POST_TRANSFER, params)
+    return Posted(transaction_id=tx_id, idempotency_key=entry.idempotency_key, created=created)
 
 
 def transaction_post(

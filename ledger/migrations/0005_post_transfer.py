@@ -36,18 +36,12 @@ BEGIN
   v_account_1 := (SELECT a.id FROM ledger_account a WHERE a.code = p_account_1);
   v_account_2 := (SELECT a.id FROM ledger_account a WHERE a.code = p_account_2);
   v_asset := (SELECT s.id FROM ledger_asset s WHERE s.code = p_asset);
-  IF v_account_1 IS NULL OR v_account_2 IS NULL THEN
-    RAISE EXCEPTION USING ERRCODE = 'TL011',
-      DETAIL = json_build_object('accounts', array_remove(ARRAY[
-                 CASE WHEN v_account_1 IS NULL THEN p_account_1 END,
-                 CASE WHEN v_account_2 IS NULL THEN p_account_2 END], NULL)),
-      MESSAGE = 'unknown accounts: ' || concat_ws(', ',
-                 CASE WHEN v_account_1 IS NULL THEN p_account_1 END,
-                 CASE WHEN v_account_2 IS NULL THEN p_account_2 END);
-  ELSIF v_asset IS NULL THEN
-    RAISE EXCEPTION USING ERRCODE = 'TL012',
-      DETAIL = json_build_object('assets', ARRAY[p_asset]),
-      MESSAGE = 'unknown assets: ' || p_asset;
+  IF v_account_1 IS NULL OR v_account_2 IS NULL OR v_asset IS NULL THEN
+    -- ledger_post() names unknown codes (TL011, TL012), sorted, with their DETAIL.
+    PERFORM ledger_post(ARRAY[p_key], ARRAY[p_hash], ARRAY[p_description],
+                        ARRAY[p_effective_at], ARRAY[p_metadata], ARRAY[NULL::bigint],
+                        ARRAY[1, 1], ARRAY[p_account_1, p_account_2], ARRAY[p_asset, p_asset],
+                        ARRAY[p_amount_1, -p_amount_1]);
   ELSIF v_account_1 = v_account_2 THEN
     RAISE EXCEPTION USING ERRCODE = '22023',
       MESSAGE = 'ledger_post_transfer moves between two accounts; use ledger_post';

@@ -212,7 +212,8 @@ def test_one_entry_opens_the_balance_rows_it_needs(world):
     assert_books_hold()
 
 
-def test_one_entry_above_the_small_path_posts_through_the_set_path(world):
+def test_a_wide_entry_keeps_a_running_balance_per_posting(world):
+    """Over 32 legs ledger_post takes its set path."""
     many = [("platform:cash", "USD", 1)] * 40 + [("platform:fees", "USD", -40)]
     posted = transaction_post(idempotency_key="wide", legs=legs(*many))
     balances = [b for a, _, _, b in running_balances(posted.transaction_id) if a == "platform:cash"]
@@ -385,6 +386,17 @@ def test_unknown_accounts_are_named(world):
     )
     assert error.extra == {"accounts": ["nobody:a", "nobody:b"]}
     assert error.status == 422
+
+
+def test_unknown_accounts_of_a_transfer_are_named_the_same_way(world):
+    """Two legs go to ledger_post_transfer (0005), which leaves the naming to ledger_post."""
+    error = rejected(
+        UnknownAccount,
+        r"^unknown accounts: nobody:a, nobody:b$",
+        "unknown_account",
+        legs=legs(("nobody:b", "USD", 5), ("nobody:a", "USD", -5)),
+    )
+    assert error.extra == {"accounts": ["nobody:a", "nobody:b"]}
 
 
 def test_unknown_assets_are_named(world):
