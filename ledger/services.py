@@ -25,7 +25,7 @@ from typing import Any
 from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 
-from ledger.binding import bound_cursor
+from ledger.binding import bound_cursor, database
 from ledger.exceptions import (
     AlreadyReversed,
     ConcurrentPosting,
@@ -269,8 +269,9 @@ def _call(query: str, params: list[Any]) -> list[tuple[Any, ...]]:
     Inside a caller's atomic block, a savepoint, so that a refused post leaves the
     caller's transaction usable; outside one, the single statement commits on its own.
     """
-    scope = transaction.atomic() if connection.in_atomic_block else nullcontext()
-    with _database_rules(), scope, bound_cursor() as cursor:
+    db = database()
+    scope = transaction.atomic() if db.in_atomic_block else nullcontext()
+    with _database_rules(), scope, bound_cursor(db) as cursor:
         cursor.execute(query, params)
         return cursor.fetchall()
 

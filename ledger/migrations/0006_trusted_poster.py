@@ -96,14 +96,14 @@ DECLARE
   v_at_1 timestamptz;
   v_at_2 timestamptz;
   v_now timestamptz;
-  v_first bigint;
   v_effective timestamptz;
   v_hash text;
   v_closed record;
 BEGIN
-  v_account_1 := (SELECT a.id FROM ledger_account a WHERE a.code = p_account_1);
-  v_account_2 := (SELECT a.id FROM ledger_account a WHERE a.code = p_account_2);
-  v_asset := (SELECT s.id FROM ledger_asset s WHERE s.code = p_asset);
+  SELECT (SELECT a.id FROM ledger_account a WHERE a.code = p_account_1),
+         (SELECT a.id FROM ledger_account a WHERE a.code = p_account_2),
+         (SELECT s.id FROM ledger_asset s WHERE s.code = p_asset)
+    INTO v_account_1, v_account_2, v_asset;
   IF v_account_1 IS NULL OR v_account_2 IS NULL OR v_asset IS NULL THEN
     -- ledger_post() names unknown codes (TL011, TL012), sorted, with their DETAIL.
     PERFORM ledger_post(ARRAY[p_key], ARRAY[p_hash], ARRAY[p_description],
@@ -113,6 +113,10 @@ BEGIN
   ELSIF v_account_1 = v_account_2 THEN
     RAISE EXCEPTION USING ERRCODE = '22023',
       MESSAGE = 'ledger_post_transfer moves between two accounts; use ledger_post';
+  ELSIF p_amount_1 <> trunc(p_amount_1) THEN
+    -- stored rounded, after the running balances were taken from it: refused
+    RAISE EXCEPTION USING ERRCODE = '22023',
+      MESSAGE = 'leg amounts are whole numbers of the asset''s smallest unit';
   END IF;
 
   -- Lock the two balance rows in (account, asset) order, as every poster does. A
@@ -149,60 +153,75 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'TL006',
       MESSAGE = format('effective time %s is in the future', v_effective);
   END IF;
-  v_first := nextval('ledger_posting_id_seq'::regclass);
-  INSERT INTO ledger_transaction AS t
-         (idempotency_key, content_hash, description, effective_at, recorded_at, metadata,
-          reverses_id, first_posting_id)
-  VALUES (p_key, p_hash, p_description, v_effective, v_now, p_metadata::jsonb, NULL, v_first)
-  ON CONFLICT (idempotency_key) DO NOTHING
-  RETURNING t.id INTO transaction_id;
+  v_at_1 := greatest(v_at_1 + interval '1 microsecond', v_now);
+  v_at_2 := greatest(v_at_2 + interval '1 microsecond', v_now);
+
+  -- One statement (each costs its executor start-up): the transaction, unless its key
+  -- was posted or its date falls in a closed period, its two postings continuing their
+  -- balance rows, and the balance rows. The statement holds the lock on
+  -- ledger_transaction that period_close waits for before it takes its snapshot, so it
+  -- sees every close committed before it.
+  WITH tx AS (
+    INSERT INTO ledger_transaction AS t
+           (idempotency_key, content_hash, description, effective_at, recorded_at, metadata,
+            reverses_id, first_posting_id)
+    SELECT p_key, p_hash, p_description, v_effective, v_now, p_metadata::jsonb, NULL,
+           nextval('ledger_posting_id_seq'::regclass)
+     WHERE NOT EXISTS (SELECT 1 FROM ledger_period p
+                        WHERE p.status = 'closed' AND p.starts_at <= v_effective
+                          AND v_effective < p.ends_at)
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING t.id, t.first_posting_id
+  ), legs AS (
+    SELECT l.* FROM tx CROSS JOIN (
+      VALUES (1, v_account_1, p_amount_1, v_at_1, v_amount_1 + p_amount_1),
+             (2, v_account_2, -p_amount_1, v_at_2, v_amount_2 - p_amount_1)
+    ) AS l(leg, account, amount, recorded_at, balance_after)
+  ), posted AS (
+    INSERT INTO ledger_posting
+           (id, transaction_id, account_id, asset_id, amount, effective_at, recorded_at,
+            balance_after)
+    SELECT CASE WHEN legs.leg = 1 THEN tx.first_posting_id
+                ELSE nextval('ledger_posting_id_seq'::regclass) END,
+           tx.id, legs.account, v_asset, legs.amount, v_effective, legs.recorded_at,
+           legs.balance_after
+      FROM tx CROSS JOIN legs
+  ), moved AS (
+    UPDATE ledger_balance b
+       SET amount = legs.balance_after, posting_count = b.posting_count + 1,
+           updated_at = legs.recorded_at
+      FROM legs
+     WHERE b.account_id = legs.account AND b.asset_id = v_asset
+  )
+  SELECT tx.id INTO transaction_id FROM tx;
+
   IF transaction_id IS NULL THEN
     SELECT t.id, t.content_hash INTO transaction_id, v_hash
       FROM ledger_transaction t WHERE t.idempotency_key = p_key;
-    IF transaction_id IS NULL THEN  -- its poster rolled back after we waited for it
-      RAISE EXCEPTION USING ERRCODE = '40001',
-        MESSAGE = format('transaction %s was being posted concurrently; post again', p_key);
-    ELSIF v_hash <> p_hash THEN
+    IF v_hash <> p_hash THEN
       RAISE EXCEPTION USING ERRCODE = 'TL010',
         DETAIL = json_build_object('idempotency_key', p_key, 'transaction_id', transaction_id),
         MESSAGE = format('idempotency key %s was already posted with different content',
                          p_key);
+    ELSIF FOUND THEN  -- a replay: the transaction as it was posted
+      created := false;
+      RETURN;
     END IF;
-    created := false;
-    RETURN;
-  END IF;
-  -- After the INSERT: this transaction holds the lock on ledger_transaction that
-  -- period_close waits for, and this statement sees every close committed before.
-  SELECT p.starts_at, p.ends_at INTO v_closed FROM ledger_period p
-   WHERE p.status = 'closed' AND p.starts_at <= v_effective AND v_effective < p.ends_at;
-  IF FOUND THEN
-    RAISE EXCEPTION USING ERRCODE = 'TL003',
-      MESSAGE = format('effective time %s falls in the closed period %s to %s',
-                       v_effective, v_closed.starts_at, v_closed.ends_at);
+    SELECT p.starts_at, p.ends_at INTO v_closed FROM ledger_period p
+     WHERE p.status = 'closed' AND p.starts_at <= v_effective AND v_effective < p.ends_at;
+    IF FOUND THEN
+      RAISE EXCEPTION USING ERRCODE = 'TL003',
+        MESSAGE = format('effective time %s falls in the closed period %s to %s',
+                         v_effective, v_closed.starts_at, v_closed.ends_at);
+    END IF;
+    -- its poster rolled back after we waited for it
+    RAISE EXCEPTION USING ERRCODE = '40001',
+      MESSAGE = format('transaction %s was being posted concurrently; post again', p_key);
   ELSIF current_setting('transaction_isolation') <> 'read committed' THEN
     -- An older snapshot may miss a close: lock the period instead (as the trigger does).
     PERFORM 1 FROM ledger_period p
      WHERE p.starts_at <= v_effective AND v_effective < p.ends_at FOR SHARE;
   END IF;
-
-  -- The postings, continuing their balance rows, and the balances, in one statement.
-  v_at_1 := greatest(v_at_1 + interval '1 microsecond', v_now);
-  v_at_2 := greatest(v_at_2 + interval '1 microsecond', v_now);
-  WITH posted AS (
-    INSERT INTO ledger_posting
-           (id, transaction_id, account_id, asset_id, amount, effective_at, recorded_at,
-            balance_after)
-    VALUES (v_first, transaction_id, v_account_1, v_asset, p_amount_1, v_effective, v_at_1,
-            v_amount_1 + p_amount_1),
-           (nextval('ledger_posting_id_seq'::regclass), transaction_id, v_account_2, v_asset,
-            -p_amount_1, v_effective, v_at_2, v_amount_2 - p_amount_1)
-    RETURNING account_id, amount, recorded_at
-  )
-  UPDATE ledger_balance b
-     SET amount = b.amount + posted.amount, posting_count = b.posting_count + 1,
-         updated_at = posted.recorded_at
-    FROM posted
-   WHERE b.account_id = posted.account_id AND b.asset_id = v_asset;
   created := true;
 END $$;
 """
@@ -235,12 +254,12 @@ DECLARE
   l_asset bigint[];
   l_amount numeric[];
   bad record;
+  v_entries int;
   -- one entry ("v_", "k_" for its locked balance rows, "e_" for its postings)
   n int;
   i int;
   j int;
   v_tx bigint;
-  v_first bigint;
   v_effective timestamptz;
   v_hash text;
   k_account bigint[];
@@ -251,13 +270,56 @@ DECLARE
   e_balance numeric[];
   e_at timestamptz[];
 BEGIN
-  -- Checked on the input before anything is written: the legs of each entry balance
-  -- per asset. (A zero amount is refused by the postings' check constraint.)
-  SELECT u.entry, u.asset, sum(u.amount) AS total INTO bad
-    FROM unnest(p_leg_entry, p_leg_asset, p_leg_amount) AS u(entry, asset, amount)
-   GROUP BY u.entry, u.asset HAVING sum(u.amount) <> 0
-   LIMIT 1;
-  IF FOUND THEN
+  -- Checked on the input before anything is written, since no trigger checks this
+  -- writer: the arrays are what the code below reads (one dimension, from 1, one
+  -- element per entry or per leg), amounts are whole smallest units (a fraction would
+  -- be rounded where it is stored, after the sums below were taken), every leg names an
+  -- entry and every entry has legs, and each entry balances per asset. (A zero amount
+  -- is refused by the postings' check constraint.)
+  v_entries := cardinality(p_keys);
+  n := cardinality(p_leg_entry);
+  IF NOT coalesce(
+       array_ndims(p_keys) = 1 AND array_lower(p_keys, 1) = 1
+       AND array_ndims(p_hashes) = 1 AND array_lower(p_hashes, 1) = 1
+       AND cardinality(p_hashes) = v_entries
+       AND array_ndims(p_descriptions) = 1 AND array_lower(p_descriptions, 1) = 1
+       AND cardinality(p_descriptions) = v_entries
+       AND array_ndims(p_effective_at) = 1 AND array_lower(p_effective_at, 1) = 1
+       AND cardinality(p_effective_at) = v_entries
+       AND array_ndims(p_metadata) = 1 AND array_lower(p_metadata, 1) = 1
+       AND cardinality(p_metadata) = v_entries
+       AND array_ndims(p_reverses) = 1 AND array_lower(p_reverses, 1) = 1
+       AND cardinality(p_reverses) = v_entries
+       AND array_ndims(p_leg_entry) = 1 AND array_lower(p_leg_entry, 1) = 1
+       AND array_ndims(p_leg_account) = 1 AND array_lower(p_leg_account, 1) = 1
+       AND cardinality(p_leg_account) = n
+       AND array_ndims(p_leg_asset) = 1 AND array_lower(p_leg_asset, 1) = 1
+       AND cardinality(p_leg_asset) = n
+       AND array_ndims(p_leg_amount) = 1 AND array_lower(p_leg_amount, 1) = 1
+       AND cardinality(p_leg_amount) = n, false) THEN
+    RAISE EXCEPTION USING ERRCODE = '22023',
+      MESSAGE = 'ledger_post takes one-dimensional arrays indexed from 1: one element per '
+                'entry (keys, hashes, descriptions, effective times, metadata, reversals) '
+                'and one per leg (entry, account, asset, amount)';
+  END IF;
+  SELECT count(DISTINCT g.entry) AS entries,
+         bool_and(coalesce(g.entry BETWEEN 1 AND v_entries, false)) AS named,
+         bool_and(g.whole) AS whole,
+         (array_agg(g.entry) FILTER (WHERE g.total <> 0))[1] AS entry,
+         (array_agg(g.asset) FILTER (WHERE g.total <> 0))[1] AS asset,
+         (array_agg(g.total) FILTER (WHERE g.total <> 0))[1] AS total
+    INTO bad
+    FROM (SELECT u.entry, u.asset, sum(u.amount) AS total,
+                 bool_and(coalesce(u.amount = trunc(u.amount), true)) AS whole
+            FROM unnest(p_leg_entry, p_leg_asset, p_leg_amount) AS u(entry, asset, amount)
+           GROUP BY u.entry, u.asset) g;
+  IF NOT bad.whole THEN
+    RAISE EXCEPTION USING ERRCODE = '22023',
+      MESSAGE = 'leg amounts are whole numbers of the asset''s smallest unit';
+  ELSIF NOT bad.named OR bad.entries <> v_entries THEN
+    RAISE EXCEPTION USING ERRCODE = '22023',
+      MESSAGE = format('each leg names an entry 1..%s, and each entry has legs', v_entries);
+  ELSIF bad.entry IS NOT NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'TL001',
       MESSAGE = format('transaction (%s) does not balance: asset %s sums to %s',
                        p_keys[bad.entry], bad.asset, bad.total);
@@ -266,8 +328,7 @@ BEGIN
   -- One entry of a few legs (an API request, a task): small statements, and the
   -- running balances computed here. Unknown codes fall through to the set path, which
   -- names them.
-  n := cardinality(p_leg_entry);
-  IF cardinality(p_keys) = 1 AND n <= 32 THEN
+  IF v_entries = 1 AND n <= 32 THEN
     l_account := array_fill(NULL::bigint, ARRAY[n]);
     l_asset := array_fill(NULL::bigint, ARRAY[n]);
     FOR i IN 1..n LOOP
@@ -311,14 +372,35 @@ BEGIN
         e_balance[i] := k_amount[j];
         e_at[i] := k_at[j];
       END LOOP;
-      v_first := nextval('ledger_posting_id_seq'::regclass);
-      INSERT INTO ledger_transaction AS t
-             (idempotency_key, content_hash, description, effective_at, recorded_at, metadata,
-              reverses_id, first_posting_id)
-      VALUES (p_keys[1], p_hashes[1], p_descriptions[1], v_effective, v_now,
-              p_metadata[1]::jsonb, p_reverses[1], v_first)
-      ON CONFLICT (idempotency_key) DO NOTHING
-      RETURNING t.id INTO v_tx;
+      -- One statement, as in ledger_post_transfer: the transaction unless its key was
+      -- posted, its postings in leg order (the first id is the one the transaction
+      -- names), and the balance rows.
+      WITH tx AS (
+        INSERT INTO ledger_transaction AS t
+               (idempotency_key, content_hash, description, effective_at, recorded_at,
+                metadata, reverses_id, first_posting_id)
+        VALUES (p_keys[1], p_hashes[1], p_descriptions[1], v_effective, v_now,
+                p_metadata[1]::jsonb, p_reverses[1], nextval('ledger_posting_id_seq'::regclass))
+        ON CONFLICT (idempotency_key) DO NOTHING
+        RETURNING t.id, t.first_posting_id
+      ), posted AS (
+        INSERT INTO ledger_posting
+               (id, transaction_id, account_id, asset_id, amount, effective_at, recorded_at,
+                balance_after)
+        SELECT CASE WHEN u.ord = 1 THEN tx.first_posting_id
+                    ELSE nextval('ledger_posting_id_seq'::regclass) END,
+               tx.id, u.account, u.asset, u.amount, v_effective, u.recorded_at, u.balance_after
+          FROM tx CROSS JOIN unnest(l_account, l_asset, p_leg_amount, e_at, e_balance)
+               WITH ORDINALITY AS u(account, asset, amount, recorded_at, balance_after, ord)
+      ), moved AS (
+        UPDATE ledger_balance b
+           SET amount = k.amount, posting_count = b.posting_count + k.postings,
+               updated_at = k.at
+          FROM tx CROSS JOIN unnest(k_account, k_asset, k_amount, k_at, k_count)
+               AS k(account, asset, amount, at, postings)
+         WHERE b.account_id = k.account AND b.asset_id = k.asset
+      )
+      SELECT tx.id INTO v_tx FROM tx;
       IF v_tx IS NULL THEN
         SELECT t.id, t.content_hash INTO v_tx, v_hash
           FROM ledger_transaction t WHERE t.idempotency_key = p_keys[1];
@@ -335,25 +417,9 @@ BEGIN
         RETURN QUERY SELECT v_tx, false;
         RETURN;
       END IF;
+      -- After the INSERT, which holds the lock period_close waits for: every close
+      -- committed before it is seen; one that is not has to wait for this commit.
       PERFORM ledger_refuse_closed(ARRAY[v_effective]);
-      -- Posting ids in leg order, the first drawn above (the transaction names it);
-      -- the balance rows move in the same statement.
-      WITH posted AS (
-        INSERT INTO ledger_posting
-               (id, transaction_id, account_id, asset_id, amount, effective_at, recorded_at,
-                balance_after)
-        SELECT CASE WHEN u.ord = 1 THEN v_first
-                    ELSE nextval('ledger_posting_id_seq'::regclass) END,
-               v_tx, u.account, u.asset, u.amount, v_effective, u.recorded_at, u.balance_after
-          FROM unnest(l_account, l_asset, p_leg_amount, e_at, e_balance)
-               WITH ORDINALITY AS u(account, asset, amount, recorded_at, balance_after, ord)
-      )
-      UPDATE ledger_balance b
-         SET amount = k.amount, posting_count = b.posting_count + k.postings,
-             updated_at = k.at
-        FROM unnest(k_account, k_asset, k_amount, k_at, k_count)
-             AS k(account, asset, amount, at, postings)
-       WHERE b.account_id = k.account AND b.asset_id = k.asset;
       IF p_reverses[1] IS NOT NULL THEN
         PERFORM ledger_refuse_unnegated(ARRAY[v_tx]);
       END IF;
@@ -362,7 +428,7 @@ BEGIN
     END IF;
   END IF;
 
-  -- A batch: set-based, four statements whatever its size.
+  -- A batch: set-based, a few statements whatever its size.
   -- 1. Resolve the codes, draw posting ids (each transaction names its first posting),
   -- count the balance rows still to open.
   WITH legs AS MATERIALIZED (
