@@ -431,13 +431,21 @@ BEGIN
   -- A batch: set-based, a few statements whatever its size.
   -- 1. Resolve the codes, draw posting ids (each transaction names its first posting),
   -- count the balance rows still to open.
-  WITH legs AS MATERIALIZED (
-    SELECT l.ord, l.entry, a.id AS account, s.id AS asset, l.amount, l.id
-      FROM (SELECT u.*, nextval('ledger_posting_id_seq'::regclass) AS id  -- in leg order
-              FROM unnest(p_leg_entry, p_leg_account, p_leg_asset, p_leg_amount)
-                   WITH ORDINALITY AS u(entry, account, asset, amount, ord)) l
-      JOIN ledger_account a ON a.code = l.account
-      JOIN ledger_asset s ON s.code = l.asset
+  -- Each code is looked up once (a batch names a few hundred accounts in thousands of
+  -- legs), into a map the legs read: 2,000 index probes cost more than the map.
+  WITH u AS MATERIALIZED (
+    SELECT u.*, nextval('ledger_posting_id_seq'::regclass) AS id  -- in leg order
+      FROM unnest(p_leg_entry, p_leg_account, p_leg_asset, p_leg_amount)
+           WITH ORDINALITY AS u(entry, account, asset, amount, ord)
+  ), codes AS MATERIALIZED (
+    SELECT (SELECT jsonb_object_agg(a.code, a.id) FROM ledger_account a
+             WHERE a.code = ANY (ARRAY(SELECT DISTINCT u.account FROM u))) AS accounts,
+           (SELECT jsonb_object_agg(s.code, s.id) FROM ledger_asset s
+             WHERE s.code = ANY (ARRAY(SELECT DISTINCT u.asset FROM u))) AS assets
+  ), legs AS MATERIALIZED (
+    SELECT u.ord, u.entry, (codes.accounts ->> u.account)::bigint AS account,
+           (codes.assets ->> u.asset)::bigint AS asset, u.amount, u.id
+      FROM u CROSS JOIN codes
   ), pairs AS MATERIALIZED (
     SELECT DISTINCT legs.account, legs.asset FROM legs
   )
@@ -448,7 +456,8 @@ BEGIN
                               WHERE b.account_id = p.account AND b.asset_id = p.asset))
     INTO l_entry, l_id, l_account, l_asset, l_amount, v_missing
     FROM (SELECT * FROM legs ORDER BY legs.ord) x;
-  IF coalesce(cardinality(l_id), 0) < cardinality(p_leg_entry) THEN
+  IF array_position(l_account, NULL) IS NOT NULL OR array_position(l_asset, NULL) IS NOT NULL
+  THEN
     -- DETAIL carries, as a JSON object, what the caller acts on (ledger/exceptions.py).
     SELECT (SELECT array_agg(DISTINCT x.code ORDER BY x.code) FROM unnest(p_leg_account) x(code)
              WHERE NOT EXISTS (SELECT 1 FROM ledger_account a WHERE a.code = x.code)) AS accounts,
