@@ -8,7 +8,8 @@ running balance in that order). Effective time never exceeds recorded time, so
                + postings recorded after T but effective at or before T.
 
 The second term is small: either recorded within BACKDATED_LAG after T (an entry
-posted "now" is recorded within microseconds of its effective time), or back-dated by
+posted "now" is recorded within microseconds of its effective time, or after waiting
+for its balance rows' locks), or back-dated by
 more than that, which `ledger_posting_backdated_idx` finds by lag class: a posting
 of class k was recorded less than 10 ms x 2^k after its effective time, so one range
 probe per class (41 of them, up to centuries of lag) reads about twice the postings

@@ -87,8 +87,9 @@ SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off 
 DECLARE
   v_account_1 bigint;
   v_account_2 bigint;
-  v_account bigint;
   v_asset bigint;
+  v_account bigint;
+  v_delta numeric;
   v_amount numeric;
   v_at timestamptz;
   v_amount_1 numeric;
@@ -97,6 +98,7 @@ DECLARE
   v_at_2 timestamptz;
   v_now timestamptz;
   v_effective timestamptz;
+  v_first bigint;
   v_hash text;
   v_closed record;
 BEGIN
@@ -118,83 +120,28 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = '22023',
       MESSAGE = 'leg amounts are whole numbers of the asset''s smallest unit';
   END IF;
-
-  -- Lock the two balance rows in (account, asset) order, as every poster does. A
-  -- missing row is opened at zero where it falls in that order: a poster that found
-  -- the later row but not the earlier one would otherwise hold the later while it
-  -- waits for the earlier, and deadlock with one locking in order (0003 to 0005 did).
-  FOR i IN 1..2 LOOP
-    v_account := CASE WHEN (i = 1) = (v_account_1 < v_account_2) THEN v_account_1
-                      ELSE v_account_2 END;
-    FOR attempt IN 1..2 LOOP
-      SELECT b.amount, b.updated_at INTO v_amount, v_at FROM ledger_balance b
-       WHERE b.account_id = v_account AND b.asset_id = v_asset FOR UPDATE;
-      EXIT WHEN FOUND;
-      INSERT INTO ledger_balance (account_id, asset_id, amount, posting_count, updated_at)
-      VALUES (v_account, v_asset, 0, 0, '-infinity')
-      ON CONFLICT (account_id, asset_id) DO NOTHING;
-    END LOOP;
-    IF v_amount IS NULL THEN
-      RAISE EXCEPTION USING ERRCODE = '40001',
-        MESSAGE = 'a balance row was opened concurrently; post again';
-    ELSIF v_account = v_account_1 THEN
-      v_amount_1 := v_amount;
-      v_at_1 := v_at;
-    ELSE
-      v_amount_2 := v_amount;
-      v_at_2 := v_at;
-    END IF;
-  END LOOP;
-
-  -- Under the locks, one instant, as in ledger_post().
   v_now := clock_timestamp();
   v_effective := coalesce(p_effective_at, v_now);
   IF v_effective > v_now THEN
     RAISE EXCEPTION USING ERRCODE = 'TL006',
       MESSAGE = format('effective time %s is in the future', v_effective);
   END IF;
-  v_at_1 := greatest(v_at_1 + interval '1 microsecond', v_now);
-  v_at_2 := greatest(v_at_2 + interval '1 microsecond', v_now);
 
-  -- One statement (each costs its executor start-up): the transaction, unless its key
-  -- was posted or its date falls in a closed period, its two postings continuing their
-  -- balance rows, and the balance rows. The statement holds the lock on
-  -- ledger_transaction that period_close waits for before it takes its snapshot, so it
-  -- sees every close committed before it.
-  WITH tx AS (
-    INSERT INTO ledger_transaction AS t
-           (idempotency_key, content_hash, description, effective_at, recorded_at, metadata,
-            reverses_id, first_posting_id)
-    SELECT p_key, p_hash, p_description, v_effective, v_now, p_metadata::jsonb, NULL,
-           nextval('ledger_posting_id_seq'::regclass)
-     WHERE NOT EXISTS (SELECT 1 FROM ledger_period p
-                        WHERE p.status = 'closed' AND p.starts_at <= v_effective
-                          AND v_effective < p.ends_at)
-    ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING t.id, t.first_posting_id
-  ), legs AS (
-    SELECT l.* FROM tx CROSS JOIN (
-      VALUES (1, v_account_1, p_amount_1, v_at_1, v_amount_1 + p_amount_1),
-             (2, v_account_2, -p_amount_1, v_at_2, v_amount_2 - p_amount_1)
-    ) AS l(leg, account, amount, recorded_at, balance_after)
-  ), posted AS (
-    INSERT INTO ledger_posting
-           (id, transaction_id, account_id, asset_id, amount, effective_at, recorded_at,
-            balance_after)
-    SELECT CASE WHEN legs.leg = 1 THEN tx.first_posting_id
-                ELSE nextval('ledger_posting_id_seq'::regclass) END,
-           tx.id, legs.account, v_asset, legs.amount, v_effective, legs.recorded_at,
-           legs.balance_after
-      FROM tx CROSS JOIN legs
-  ), moved AS (
-    UPDATE ledger_balance b
-       SET amount = legs.balance_after, posting_count = b.posting_count + 1,
-           updated_at = legs.recorded_at
-      FROM legs
-     WHERE b.account_id = legs.account AND b.asset_id = v_asset
-  )
-  SELECT tx.id INTO transaction_id FROM tx;
-
+  -- The transaction first, before any balance row is locked: a replay, a conflicting
+  -- key or a closed period is answered without touching a balance, and the rows are
+  -- held only from the moment they move. The INSERT takes the lock on
+  -- ledger_transaction that period_close waits for before its snapshot, so it sees
+  -- every close committed before it.
+  INSERT INTO ledger_transaction AS t
+         (idempotency_key, content_hash, description, effective_at, recorded_at, metadata,
+          reverses_id, first_posting_id)
+  SELECT p_key, p_hash, p_description, v_effective, v_now, p_metadata::jsonb, NULL,
+         nextval('ledger_posting_id_seq'::regclass)
+   WHERE NOT EXISTS (SELECT 1 FROM ledger_period p
+                      WHERE p.status = 'closed' AND p.starts_at <= v_effective
+                        AND v_effective < p.ends_at)
+  ON CONFLICT (idempotency_key) DO NOTHING
+  RETURNING t.id, t.first_posting_id INTO transaction_id, v_first;
   IF transaction_id IS NULL THEN
     SELECT t.id, t.content_hash INTO transaction_id, v_hash
       FROM ledger_transaction t WHERE t.idempotency_key = p_key;
@@ -217,7 +164,54 @@ BEGIN
     -- its poster rolled back after we waited for it
     RAISE EXCEPTION USING ERRCODE = '40001',
       MESSAGE = format('transaction %s was being posted concurrently; post again', p_key);
-  ELSIF current_setting('transaction_isolation') <> 'read committed' THEN
+  END IF;
+
+  -- Move the two balance rows in (account, asset) order, as every poster locks them:
+  -- the UPDATE is the lock (one row version, not a lock and then an update), and it
+  -- gives each posting its running balance and its recorded time, after the row's last
+  -- posting and after any wait for the lock (so never before the effective time). A
+  -- missing row is opened at zero where it falls in that order: a poster that found
+  -- the later row but not the earlier would otherwise hold the later while it waits for
+  -- the earlier, and deadlock with one locking in order (0003 to 0005 could).
+  FOR i IN 1..2 LOOP
+    IF (i = 1) = (v_account_1 < v_account_2) THEN
+      v_account := v_account_1;
+      v_delta := p_amount_1;
+    ELSE
+      v_account := v_account_2;
+      v_delta := -p_amount_1;
+    END IF;
+    FOR attempt IN 1..2 LOOP
+      UPDATE ledger_balance b
+         SET amount = b.amount + v_delta, posting_count = b.posting_count + 1,
+             updated_at = greatest(b.updated_at + interval '1 microsecond', clock_timestamp())
+       WHERE b.account_id = v_account AND b.asset_id = v_asset
+      RETURNING b.amount, b.updated_at INTO v_amount, v_at;
+      EXIT WHEN FOUND;
+      INSERT INTO ledger_balance (account_id, asset_id, amount, posting_count, updated_at)
+      VALUES (v_account, v_asset, 0, 0, '-infinity')
+      ON CONFLICT (account_id, asset_id) DO NOTHING;
+    END LOOP;
+    IF v_amount IS NULL THEN
+      RAISE EXCEPTION USING ERRCODE = '40001',
+        MESSAGE = 'a balance row was opened concurrently; post again';
+    ELSIF v_account = v_account_1 THEN
+      v_amount_1 := v_amount;
+      v_at_1 := v_at;
+    ELSE
+      v_amount_2 := v_amount;
+      v_at_2 := v_at;
+    END IF;
+  END LOOP;
+
+  INSERT INTO ledger_posting
+         (id, transaction_id, account_id, asset_id, amount, effective_at, recorded_at,
+          balance_after)
+  VALUES (v_first, transaction_id, v_account_1, v_asset, p_amount_1, v_effective, v_at_1,
+          v_amount_1),
+         (nextval('ledger_posting_id_seq'::regclass), transaction_id, v_account_2, v_asset,
+          -p_amount_1, v_effective, v_at_2, v_amount_2);
+  IF current_setting('transaction_isolation') <> 'read committed' THEN
     -- An older snapshot may miss a close: lock the period instead (as the trigger does).
     PERFORM 1 FROM ledger_period p
      WHERE p.starts_at <= v_effective AND v_effective < p.ends_at FOR SHARE;
