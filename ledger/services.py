@@ -25,7 +25,7 @@ from typing import Any
 from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 
-from ledger.binding import bound_cursor, database
+from ledger.binding import bound_cursor, database, exec_prepared
 from ledger.exceptions import (
     AlreadyReversed,
     ConcurrentPosting,
@@ -157,6 +157,12 @@ def _validate(entry: Entry) -> None:
         )
     if len(entry.description) > DESCRIPTION_LENGTH_MAX:
         raise InvalidTransaction(f"description of {key} is over {DESCRIPTION_LENGTH_MAX} chars")
+    if "\x00" in key or "\x00" in entry.description:
+        # PostgreSQL text cannot hold it; said here, not as an encoding error
+        raise InvalidTransaction(
+            f"idempotency key or description of {key!r} contains a NUL character",
+            extra={"idempotency_key": key.replace("\x00", "")},
+        )
     if entry.effective_at is not None and timezone.is_naive(entry.effective_at):
         raise InvalidTransaction(f"effective time of {key} has no time zone")
     if entry.metadata and len(json.dumps(entry.metadata, default=str)) > METADATA_BYTES_MAX:
@@ -263,6 +269,15 @@ SELECT transaction_id, created
 """
 
 
+_LEDGER_POST_TRANSFER_LIBPQ = """
+SELECT transaction_id, created
+  FROM ledger_post_transfer($1::text, $2::text, $3::text, $4::timestamptz, $5::text,
+                            $6::text, $7::text, $8::text, $9::numeric)
+"""
+# text parameters in binary (exact lengths), the instant and the amount as text
+_TRANSFER_BINARY = (True, True, True, False, True, True, True, True, False)
+
+
 def _call(query: str, params: list[Any]) -> list[tuple[Any, ...]]:
     """Run a posting function; its rows, or the ledger error a database rule stands for.
 
@@ -338,19 +353,42 @@ def transactions_post(*, entries: Sequence[Entry]) -> list[Posted]:
 
 def _post_transfer(entry: Entry) -> Posted:
     debit, credit = entry.legs  # validated: balanced, so credit.amount == -debit.amount
-    params = [
-        entry.idempotency_key,
-        _content_hash(entry),
-        entry.description,
-        entry.effective_at,
-        _metadata_json(entry),
-        debit.account,
-        credit.account,
-        debit.asset,
-        str(debit.amount),
+    db = database()
+    if db.in_atomic_block or not db.get_autocommit():
+        params = [
+            entry.idempotency_key,
+            _content_hash(entry),
+            entry.description,
+            entry.effective_at,
+            _metadata_json(entry),
+            debit.account,
+            credit.account,
+            debit.asset,
+            str(debit.amount),
+        ]
+        ((tx_id, created),) = _call(_LEDGER_POST_TRANSFER, params)
+        return Posted(transaction_id=tx_id, idempotency_key=entry.idempotency_key, created=created)
+    # A transfer committed on its own (an API request, a task, the bench): straight
+    # through libpq (ledger.binding.exec_prepared says why), one round trip.
+    raw = [
+        entry.idempotency_key.encode(),
+        _content_hash(entry).encode(),
+        entry.description.encode(),
+        entry.effective_at.isoformat().encode() if entry.effective_at else None,
+        _metadata_json(entry).encode(),
+        debit.account.encode(),
+        credit.account.encode(),
+        debit.asset.encode(),
+        str(debit.amount).encode(),
     ]
-    ((tx_id, created),) = _call(_LEDGER_POST_TRANSFER, params)
-    return Posted(transaction_id=tx_id, idempotency_key=entry.idempotency_key, created=created)
+    with _database_rules():
+        ((tx_id, created),) = exec_prepared(
+            db, "ledger_post_transfer", _LEDGER_POST_TRANSFER_LIBPQ, raw, _TRANSFER_BINARY
+        )
+    assert tx_id is not None
+    return Posted(
+        transaction_id=int(tx_id), idempotency_key=entry.idempotency_key, created=created == b"t"
+    )
 
 
 def transaction_post(

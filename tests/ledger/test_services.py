@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.db import connection
 
 from ledger.exceptions import (
     AlreadyReversed,
@@ -642,6 +643,44 @@ def test_replay_and_conflict_after_the_original_committed():
         transfer("sale-1", "platform:cash", "platform:fees", 501)
     assert books_state() == before
     assert_books_hold()
+
+
+@committing_db
+def test_a_transfer_committed_on_its_own_goes_through_libpq_and_says_the_same():
+    """Outside a transaction a transfer skips psycopg's cursor (ledger.binding.exec_prepared):
+    the same rows, instants, errors and their details as inside one."""
+    chart()
+    tokyo = datetime(2025, 2, 1, 9, 0, tzinfo=timezone(timedelta(hours=9)))
+    posted = transfer("tokyo", "platform:cash", "platform:fees", 7, effective_at=tokyo)
+    tx = Transaction.objects.get(pk=posted.transaction_id)
+    assert (posted.created, tx.effective_at) == (True, datetime(2025, 2, 1, 0, 0, tzinfo=UTC))
+    assert postings_of(tx.pk) == [("platform:cash", "USD", 7), ("platform:fees", "USD", -7)]
+    with pytest.raises(UnknownAccount, match=r"^unknown accounts: nobody:a$") as unknown:
+        transfer("unknown", "nobody:a", "platform:fees", 1)
+    assert unknown.value.extra == {"accounts": ["nobody:a"]}
+    may = period_open(year=2024, month=5)
+    period_close(period_id=may.pk, closed_by_id=None)
+    with pytest.raises(PeriodClosed, match=r"falls in the closed period 2024-05-01"):
+        transfer(
+            "late",
+            "platform:cash",
+            "platform:fees",
+            1,
+            effective_at=datetime(2024, 5, 9, tzinfo=UTC),
+        )
+    # A pooler's DISCARD or a DEALLOCATE drops the prepared statement: prepared again.
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    assert transfer("after-deallocate", "platform:cash", "platform:fees", 1).created
+    assert stored_balances()[("platform:cash", "USD")] == 8
+    assert_books_hold()
+
+
+def test_a_nul_character_is_refused_by_name(world):
+    with pytest.raises(InvalidTransaction, match="contains a NUL character"):
+        transaction_post(idempotency_key="nul", legs=legs(*SALE), description="a\x00b")
+    with pytest.raises(InvalidTransaction, match="contains a NUL character"):
+        transaction_post(idempotency_key="n\x00l", legs=legs(*SALE))
 
 
 def test_effective_time_in_another_zone_is_stored_as_the_same_instant(world):
