@@ -15,7 +15,10 @@ from zoneinfo import ZoneInfo
 import pytest
 from django.contrib.auth import get_user_model
 from django.db import connection
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from ledger.binding import array_literal
 from ledger.exceptions import (
     AlreadyReversed,
     IdempotencyConflict,
@@ -674,6 +677,77 @@ def test_a_transfer_committed_on_its_own_goes_through_libpq_and_says_the_same():
     assert transfer("after-deallocate", "platform:cash", "platform:fees", 1).created
     assert stored_balances()[("platform:cash", "USD")] == 8
     assert_books_hold()
+
+
+ODD_TEXTS = [
+    'a "quote"',
+    "back\\slash",
+    "comma, {brace}",
+    "new\nline",
+    "NULL",
+    "",
+    "ünï ✓",
+    " pad ",
+]
+
+
+@committing_db
+def test_a_batch_committed_on_its_own_stores_every_character_it_was_given():
+    """Outside a transaction a batch goes through libpq as array literals (array_literal)."""
+    chart()
+    odd = account_open(code="odd:texts", kind=AccountKind.ASSET)  # codes have a format
+    entries = [
+        Entry(
+            idempotency_key=f"{text}#{n}",
+            legs=legs((odd.code, "USD", n + 1), ("platform:fees", "USD", -(n + 1))),
+            description=text,
+            effective_at=datetime(2025, 3, 1, 9, n, tzinfo=ZoneInfo("Asia/Tokyo"))
+            if n % 2
+            else None,
+            metadata={"text": text} if n % 3 else {},
+        )
+        for n, text in enumerate(ODD_TEXTS)
+    ]
+    posted = transactions_post(entries=entries)
+    stored = {
+        t.pk: t for t in Transaction.objects.filter(pk__in=[p.transaction_id for p in posted])
+    }
+    for entry, result in zip(entries, posted, strict=True):
+        tx = stored[result.transaction_id]
+        assert (tx.idempotency_key, tx.description, tx.metadata) == (
+            entry.idempotency_key,
+            entry.description,
+            dict(entry.metadata),
+        )
+        if entry.effective_at:
+            assert tx.effective_at == entry.effective_at
+    assert stored_balances()[(odd.code, "USD")] == sum(range(1, len(ODD_TEXTS) + 1))
+    again = transactions_post(entries=entries)
+    assert [(p.transaction_id, p.created) for p in again] == [
+        (p.transaction_id, False) for p in posted
+    ]
+    assert_books_hold()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.none(),
+            st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",))),
+        ),
+        max_size=8,
+    )
+)
+def test_array_literal_is_read_back_as_the_same_array(values):
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT %s::text[]", [array_literal(values).decode()])
+        assert cursor.fetchone()[0] == values
+
+
+def test_array_literal_refuses_a_nul_rather_than_cut_it():
+    with pytest.raises(ValueError, match="NUL"):
+        array_literal(["a", "b\x00c"])
 
 
 def test_a_nul_character_is_refused_by_name(world):
