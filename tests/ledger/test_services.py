@@ -18,6 +18,7 @@ from django.db import connection
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ledger import services
 from ledger.binding import array_literal
 from ledger.exceptions import (
     AlreadyReversed,
@@ -748,6 +749,58 @@ def test_array_literal_is_read_back_as_the_same_array(values):
 def test_array_literal_refuses_a_nul_rather_than_cut_it():
     with pytest.raises(ValueError, match="NUL"):
         array_literal(["a", "b\x00c"])
+
+
+def content_json_reference(entry: Entry) -> str:
+    """The canonical JSON every stored content hash was taken of: what the encoder makes."""
+    return services._CONTENT_ENCODER.encode(
+        {
+            "legs": sorted((leg.account, leg.asset, leg.amount) for leg in entry.legs),
+            "description": entry.description,
+            "effective_at": entry.effective_at.astimezone(UTC).isoformat()
+            if entry.effective_at
+            else None,
+            "metadata": entry.metadata,
+            "reverses": entry.reverses_id,
+        }
+    )
+
+
+ZONES = [UTC, ZoneInfo("Asia/Tokyo"), ZoneInfo("America/St_Johns")]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    legs_=st.lists(
+        st.tuples(st.text(), st.text(), st.integers(min_value=-(10**40), max_value=10**40)),
+        min_size=2,
+        max_size=4,
+    ),
+    description=st.text(),
+    effective_at=st.none()
+    | st.datetimes(
+        timezones=st.sampled_from([UTC, ZoneInfo("Asia/Tokyo"), ZoneInfo("America/St_Johns")])
+    ),
+    metadata=st.dictionaries(st.text(), json_values, max_size=4),
+    reverses=st.none() | st.integers(min_value=1, max_value=2**63 - 1),
+)
+def test_content_json_is_the_encoders_byte_for_byte(
+    legs_, description, effective_at, metadata, reverses
+):
+    entry = Entry(
+        idempotency_key="k",
+        legs=tuple(Leg(account=a, asset=s_, amount=n) for a, s_, n in legs_),
+        description=description,
+        effective_at=effective_at,
+        metadata=metadata,
+        reverses_id=reverses,
+    )
+    assert services._content_json(entry) == content_json_reference(entry)
 
 
 def test_a_nul_character_is_refused_by_name(world):
