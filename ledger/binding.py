@@ -14,6 +14,7 @@ call, as much as the server spends on a transfer's SQL outside its commit.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -70,31 +71,46 @@ def exec_prepared(
     not cut off); the statement is prepared once per connection (again if something
     deallocated it). Django's query log does not see these calls.
     """
+    # The name carries a digest of the text: on a pooled connection another thread may
+    # have prepared it already, and then it is the same statement (42P05 is no error).
+    statement = f"{name}_{hashlib.sha256(query.encode()).hexdigest()[:12]}".encode()
     with db.wrap_database_errors:
         db.ensure_connection()
         pgconn = db.connection.pgconn
-        prepared: tuple[pq.abc.PGconn, set[str]] | None = getattr(db, _PREPARED_ATTRIBUTE, None)
+        prepared: tuple[pq.abc.PGconn, set[bytes]] | None = getattr(db, _PREPARED_ATTRIBUTE, None)
         if prepared is None or prepared[0] is not pgconn:
             prepared = (pgconn, set())
             setattr(db, _PREPARED_ATTRIBUTE, prepared)
         formats = [_BINARY if b else _TEXT for b in binary]
         for attempt in (1, 2):
-            if name not in prepared[1]:
-                result = pgconn.prepare(name.encode(), query.encode())
-                if result.status != pq.ExecStatus.COMMAND_OK:
-                    raise errors.error_from_result(result, encoding="utf-8")
-                prepared[1].add(name)
-            result = pgconn.exec_prepared(name.encode(), params, formats)
+            if statement not in prepared[1]:
+                result = pgconn.prepare(statement, query.encode())
+                if result.status != pq.ExecStatus.COMMAND_OK and _state(result) != b"42P05":
+                    raise _error(pgconn, result)
+                prepared[1].add(statement)
+            result = pgconn.exec_prepared(statement, params, formats)
             if result.status == pq.ExecStatus.TUPLES_OK:
                 return [
                     tuple(result.get_value(row, column) for column in range(result.nfields))
                     for row in range(result.ntuples)
                 ]
-            if attempt == 1 and result.error_field(_SQLSTATE) == b"26000":  # deallocated
-                prepared[1].discard(name)
+            if attempt == 1 and _state(result) == b"26000":  # deallocated: prepare again
+                prepared[1].discard(statement)
                 continue
-            raise errors.error_from_result(result, encoding="utf-8")
+            raise _error(pgconn, result)
     raise AssertionError("unreachable")
+
+
+def _state(result: pq.abc.PGresult) -> bytes | None:
+    return result.error_field(_SQLSTATE)
+
+
+def _error(pgconn: pq.abc.PGconn, result: pq.abc.PGresult) -> psycopg.Error:
+    """The error psycopg's cursor would raise: a lost connection is an OperationalError."""
+    if pgconn.status == pq.ConnStatus.BAD or _state(result) is None:
+        message = (result.error_message or pgconn.error_message).decode(errors="replace")
+        return psycopg.OperationalError(message.strip() or "the connection was lost")
+    return errors.error_from_result(result, encoding="utf-8")
 
 
 def array_literal(values: Sequence[str | int | datetime | None]) -> bytes:

@@ -154,8 +154,17 @@ def _content_json(entry: Entry) -> str:
         if entry.effective_at
         else "null"
     )
-    metadata = _CONTENT_ENCODER.encode(entry.metadata) if entry.metadata else "{}"
-    reverses = "null" if entry.reverses_id is None else repr(int(entry.reverses_id))
+    # The shortcuts only where they are what the encoder writes: an empty dict, an int.
+    metadata = (
+        "{}"
+        if type(entry.metadata) is dict and not entry.metadata
+        else _CONTENT_ENCODER.encode(entry.metadata)
+    )
+    reverses = (
+        repr(entry.reverses_id)
+        if type(entry.reverses_id) is int
+        else _CONTENT_ENCODER.encode(entry.reverses_id)
+    )
     return (
         f'{{"description":{_JSON_STRING(entry.description)},"effective_at":{effective_at},'
         f'"legs":[{legs}],"metadata":{metadata},"reverses":{reverses}}}'
@@ -272,8 +281,13 @@ def _database_rules() -> Iterator[None]:
 
 
 def _posting_error(error: DatabaseError) -> LedgerError | None:
-    """Return ConcurrentPosting for a race ledger_post() lost; nothing was written."""
+    """Return ConcurrentPosting for a race ledger_post() lost, InvalidTransaction for a NUL."""
     state = sqlstate_of(error)
+    if state == "22P05":  # a NUL (\u0000) in metadata: jsonb cannot hold it
+        return InvalidTransaction(
+            "metadata contains a NUL character, which PostgreSQL cannot store",
+            extra={"sqlstate": state},
+        )
     if state in {"40001", "40P01"}:
         diag = getattr(error.__cause__, "diag", None)
         message = str(getattr(diag, "message_primary", None) or error)

@@ -22,6 +22,8 @@ constraint trigger with the same name, SQLSTATE and checks, so that the trusted 
 at commit (6.5 ms of a 1,000-entry batch).
 """
 
+import re
+
 from django.db import migrations
 
 # Roles are per cluster: test and scratch databases share it; each database grants it.
@@ -115,8 +117,9 @@ BEGIN
   ELSIF v_account_1 = v_account_2 THEN
     RAISE EXCEPTION USING ERRCODE = '22023',
       MESSAGE = 'ledger_post_transfer moves between two accounts; use ledger_post';
-  ELSIF p_amount_1 <> trunc(p_amount_1) THEN
-    -- stored rounded, after the running balances were taken from it: refused
+  ELSIF p_amount_1 IS NULL OR NOT (abs(p_amount_1) < 1e38 AND p_amount_1 = trunc(p_amount_1)) THEN
+    -- a fraction would be stored rounded, after the running balances were taken from
+    -- it; NaN (equal to itself in PostgreSQL) and infinities are no amounts
     RAISE EXCEPTION USING ERRCODE = '22023',
       MESSAGE = 'leg amounts are whole numbers of the asset''s smallest unit';
   END IF;
@@ -254,6 +257,8 @@ DECLARE
   i int;
   j int;
   v_tx bigint;
+  v_first bigint;
+  v_locked_at timestamptz;
   v_effective timestamptz;
   v_hash text;
   k_account bigint[];
@@ -296,6 +301,10 @@ BEGIN
                 'entry (keys, hashes, descriptions, effective times, metadata, reversals) '
                 'and one per leg (entry, account, asset, amount)';
   END IF;
+  IF (SELECT count(DISTINCT k.key) FROM unnest(p_keys) AS k(key)) <> v_entries THEN
+    RAISE EXCEPTION USING ERRCODE = '22023',
+      MESSAGE = 'each entry of one call has its own idempotency key';
+  END IF;
   SELECT count(DISTINCT g.entry) AS entries,
          bool_and(coalesce(g.entry BETWEEN 1 AND v_entries, false)) AS named,
          bool_and(g.whole) AS whole,
@@ -304,7 +313,8 @@ BEGIN
          (array_agg(g.total) FILTER (WHERE g.total <> 0))[1] AS total
     INTO bad
     FROM (SELECT u.entry, u.asset, sum(u.amount) AS total,
-                 bool_and(coalesce(u.amount = trunc(u.amount), true)) AS whole
+                 bool_and(coalesce(abs(u.amount) < 1e38 AND u.amount = trunc(u.amount),
+                                   true)) AS whole
             FROM unnest(p_leg_entry, p_leg_asset, p_leg_amount) AS u(entry, asset, amount)
            GROUP BY u.entry, u.asset) g;
   IF NOT bad.whole THEN
@@ -331,6 +341,42 @@ BEGIN
                          ELSE (SELECT s.id FROM ledger_asset s WHERE s.code = p_leg_asset[i]) END;
     END LOOP;
     IF array_position(l_account, NULL) IS NULL AND array_position(l_asset, NULL) IS NULL THEN
+      v_now := clock_timestamp();
+      v_effective := coalesce(p_effective_at[1], v_now);
+      IF v_effective > v_now THEN
+        RAISE EXCEPTION USING ERRCODE = 'TL006',
+          MESSAGE = format('effective time %s is in the future', v_effective);
+      END IF;
+      -- The transaction first, then the balance rows: every poster takes its keys
+      -- before its balance rows (see ledger_post_transfer), so none holds a row while
+      -- it waits for a key.
+      INSERT INTO ledger_transaction AS t
+             (idempotency_key, content_hash, description, effective_at, recorded_at,
+              metadata, reverses_id, first_posting_id)
+      VALUES (p_keys[1], p_hashes[1], p_descriptions[1], v_effective, v_now,
+              p_metadata[1]::jsonb, p_reverses[1], nextval('ledger_posting_id_seq'::regclass))
+      ON CONFLICT (idempotency_key) DO NOTHING
+      RETURNING t.id, t.first_posting_id INTO v_tx, v_first;
+      IF v_tx IS NULL THEN
+        SELECT t.id, t.content_hash INTO v_tx, v_hash
+          FROM ledger_transaction t WHERE t.idempotency_key = p_keys[1];
+        IF v_tx IS NULL THEN  -- its poster rolled back after we waited for it
+          RAISE EXCEPTION USING ERRCODE = '40001',
+            MESSAGE = format('transaction %s was being posted concurrently; post again',
+                             p_keys[1]);
+        ELSIF v_hash IS DISTINCT FROM p_hashes[1] THEN
+          RAISE EXCEPTION USING ERRCODE = 'TL010',
+            DETAIL = json_build_object('idempotency_key', p_keys[1], 'transaction_id', v_tx),
+            MESSAGE = format('idempotency key %s was already posted with different content',
+                             p_keys[1]);
+        END IF;
+        RETURN QUERY SELECT v_tx, false;
+        RETURN;
+      END IF;
+      -- After the INSERT, which holds the lock period_close waits for: every close
+      -- committed before it is seen; one that is not has to wait for this commit.
+      PERFORM ledger_refuse_closed(ARRAY[v_effective]);
+
       -- Lock the balance rows in (account, asset) order, as every poster does; a
       -- missing one is opened in that order first (see ledger_post_transfer).
       IF EXISTS (SELECT 1 FROM unnest(l_account, l_asset) AS u(account, asset)
@@ -345,13 +391,9 @@ BEGIN
         FROM (SELECT b.account_id, b.asset_id, b.amount, b.updated_at FROM ledger_balance b
                WHERE (b.account_id, b.asset_id) IN (SELECT * FROM unnest(l_account, l_asset))
                ORDER BY b.account_id, b.asset_id FOR UPDATE) b;
-      -- Under the locks: one instant, the postings' recorded times and running balances.
-      v_now := clock_timestamp();
-      v_effective := coalesce(p_effective_at[1], v_now);
-      IF v_effective > v_now THEN
-        RAISE EXCEPTION USING ERRCODE = 'TL006',
-          MESSAGE = format('effective time %s is in the future', v_effective);
-      END IF;
+      -- Under the locks: the postings' recorded times (after any wait for the locks, so
+      -- never before the effective time) and running balances.
+      v_locked_at := clock_timestamp();
       e_balance := array_fill(NULL::numeric, ARRAY[n]);
       e_at := array_fill(NULL::timestamptz, ARRAY[n]);
       k_count := array_fill(0, ARRAY[cardinality(k_account)]);
@@ -361,59 +403,29 @@ BEGIN
           j := j + 1;
         END LOOP;
         k_amount[j] := k_amount[j] + p_leg_amount[i];
-        k_at[j] := greatest(k_at[j] + interval '1 microsecond', v_now);
+        k_at[j] := greatest(k_at[j] + interval '1 microsecond', v_locked_at);
         k_count[j] := k_count[j] + 1;
         e_balance[i] := k_amount[j];
         e_at[i] := k_at[j];
       END LOOP;
-      -- One statement, as in ledger_post_transfer: the transaction unless its key was
-      -- posted, its postings in leg order (the first id is the one the transaction
-      -- names), and the balance rows.
-      WITH tx AS (
-        INSERT INTO ledger_transaction AS t
-               (idempotency_key, content_hash, description, effective_at, recorded_at,
-                metadata, reverses_id, first_posting_id)
-        VALUES (p_keys[1], p_hashes[1], p_descriptions[1], v_effective, v_now,
-                p_metadata[1]::jsonb, p_reverses[1], nextval('ledger_posting_id_seq'::regclass))
-        ON CONFLICT (idempotency_key) DO NOTHING
-        RETURNING t.id, t.first_posting_id
-      ), posted AS (
+      -- The postings in leg order (the first id is the one the transaction names) and
+      -- the balance rows, in one statement.
+      WITH posted AS (
         INSERT INTO ledger_posting
                (id, transaction_id, account_id, asset_id, amount, effective_at, recorded_at,
                 balance_after)
-        SELECT CASE WHEN u.ord = 1 THEN tx.first_posting_id
+        SELECT CASE WHEN u.ord = 1 THEN v_first
                     ELSE nextval('ledger_posting_id_seq'::regclass) END,
-               tx.id, u.account, u.asset, u.amount, v_effective, u.recorded_at, u.balance_after
-          FROM tx CROSS JOIN unnest(l_account, l_asset, p_leg_amount, e_at, e_balance)
+               v_tx, u.account, u.asset, u.amount, v_effective, u.recorded_at, u.balance_after
+          FROM unnest(l_account, l_asset, p_leg_amount, e_at, e_balance)
                WITH ORDINALITY AS u(account, asset, amount, recorded_at, balance_after, ord)
-      ), moved AS (
-        UPDATE ledger_balance b
-           SET amount = k.amount, posting_count = b.posting_count + k.postings,
-               updated_at = k.at
-          FROM tx CROSS JOIN unnest(k_account, k_asset, k_amount, k_at, k_count)
-               AS k(account, asset, amount, at, postings)
-         WHERE b.account_id = k.account AND b.asset_id = k.asset
       )
-      SELECT tx.id INTO v_tx FROM tx;
-      IF v_tx IS NULL THEN
-        SELECT t.id, t.content_hash INTO v_tx, v_hash
-          FROM ledger_transaction t WHERE t.idempotency_key = p_keys[1];
-        IF v_tx IS NULL THEN  -- its poster rolled back after we waited for it
-          RAISE EXCEPTION USING ERRCODE = '40001',
-            MESSAGE = format('transaction %s was being posted concurrently; post again',
-                             p_keys[1]);
-        ELSIF v_hash <> p_hashes[1] THEN
-          RAISE EXCEPTION USING ERRCODE = 'TL010',
-            DETAIL = json_build_object('idempotency_key', p_keys[1], 'transaction_id', v_tx),
-            MESSAGE = format('idempotency key %s was already posted with different content',
-                             p_keys[1]);
-        END IF;
-        RETURN QUERY SELECT v_tx, false;
-        RETURN;
-      END IF;
-      -- After the INSERT, which holds the lock period_close waits for: every close
-      -- committed before it is seen; one that is not has to wait for this commit.
-      PERFORM ledger_refuse_closed(ARRAY[v_effective]);
+      UPDATE ledger_balance b
+         SET amount = k.amount, posting_count = b.posting_count + k.postings,
+             updated_at = k.at
+        FROM unnest(k_account, k_asset, k_amount, k_at, k_count)
+             AS k(account, asset, amount, at, postings)
+       WHERE b.account_id = k.account AND b.asset_id = k.asset;
       IF p_reverses[1] IS NOT NULL THEN
         PERFORM ledger_refuse_unnegated(ARRAY[v_tx]);
       END IF;
@@ -467,21 +479,11 @@ BEGIN
       DETAIL = json_build_object('assets', bad.assets[1:100]),
       MESSAGE = 'unknown assets: ' || array_to_string(bad.assets[1:10], ', ');
   END IF;
-  -- 2. Lock the balance rows in (account, asset) order, as every poster does, so that
-  -- posters wait for one another but never deadlock; missing ones are opened in that
-  -- order first (see ledger_post_transfer).
-  IF v_missing > 0 THEN
-    PERFORM ledger_open_balances(l_account, l_asset);
-  END IF;
-  PERFORM 1 FROM ledger_balance b
-   WHERE (b.account_id, b.asset_id) IN (SELECT * FROM unnest(l_account, l_asset))
-   ORDER BY b.account_id, b.asset_id FOR UPDATE;
-
-  -- 3. Under the locks, one instant for the whole batch: it is the recorded time of the
-  -- transactions, the effective time of those that give none, and where each balance
-  -- row's postings continue (one microsecond apart, after the row's last one). So an
-  -- entry posted "now" is recorded within microseconds of its effective time, which
-  -- keeps point-in-time reads to an index probe (ledger/selectors.py).
+  -- 2. The transactions, before any balance row: every poster takes its keys first (in
+  -- key order) and its balance rows second (in (account, asset) order), so none holds
+  -- a row while it waits for a key, and two batches never wait on each other's keys in
+  -- a circle. One instant for the batch: the recorded time of its transactions and the
+  -- effective time of those that give none.
   v_now := clock_timestamp();
   SELECT e.at INTO v_effective FROM unnest(p_effective_at) AS e(at) WHERE e.at > v_now LIMIT 1;
   IF FOUND THEN
@@ -498,6 +500,7 @@ BEGIN
            WITH ORDINALITY AS u(key, hash, description, effective_at, metadata, reverses_id, ord)
       JOIN (SELECT l.entry, min(l.id) AS first_id FROM unnest(l_entry, l_id) AS l(entry, id)
              GROUP BY l.entry) f ON f.entry = u.ord
+     ORDER BY u.key
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING t.id, t.idempotency_key, t.effective_at
   ), created AS MATERIALIZED (
@@ -535,16 +538,27 @@ BEGIN
     END IF;
   END IF;
 
-  -- 4. The postings of the entries created here (a replayed entry has its own already),
-  -- and in the same statement the balance rows they continue.
+  -- 3. For the entries created here (a replayed entry has its postings already): lock
+  -- the balance rows in (account, asset) order, as every poster does, so that posters
+  -- wait for one another but never deadlock (missing ones are opened in that order
+  -- first, see ledger_post_transfer); then, in one statement, the postings, each
+  -- recorded after its row's last posting and after any wait for the lock (so never
+  -- before its effective time), one microsecond apart, and the balance rows they move.
   IF v_created_ord IS NOT NULL THEN
+    IF v_missing > 0 THEN
+      PERFORM ledger_open_balances(new_account, new_asset);
+    END IF;
+    PERFORM 1 FROM ledger_balance b
+     WHERE (b.account_id, b.asset_id) IN (SELECT * FROM unnest(new_account, new_asset))
+     ORDER BY b.account_id, b.asset_id FOR UPDATE;
+    v_locked_at := clock_timestamp();
     PERFORM ledger_refuse_closed(ARRAY(SELECT DISTINCT e.at FROM unnest(new_effective) e(at)));
     WITH posted AS (
       INSERT INTO ledger_posting
              (id, transaction_id, account_id, asset_id, amount, effective_at, recorded_at,
               balance_after)
       SELECT l.id, l.tx, l.account, l.asset, l.amount, l.effective_at,
-             greatest(b.updated_at + interval '1 microsecond', v_now)
+             greatest(b.updated_at + interval '1 microsecond', v_locked_at)
                + (row_number() OVER w - 1) * interval '1 microsecond',
              b.amount + sum(l.amount) OVER w
         FROM unnest(new_id, new_tx, new_account, new_asset, new_amount, new_effective)
@@ -649,8 +663,13 @@ BEGIN
 END $$;
 """
 
-# Owner and search path last: a SECURITY DEFINER function must not resolve a name to
-# something its caller created (a temporary table shadows by default; pg_temp goes last).
+# Owner and search path last. A SECURITY DEFINER function must not resolve a name to
+# something its caller made: its search_path holds pg_catalog and pg_temp only (pg_temp
+# last: no temporary table shadows anything; functions are never looked up there), and
+# every name of the ledger's is written schema-qualified (`qualified` below). Keeping
+# the ledger's schema in the path would not do: a function its caller created there
+# with an exact argument match (public.cardinality(text[])) beats pg_catalog's.
+# EXECUTE goes to the migrating role only, not PUBLIC: whoever may post is granted it.
 OWNERSHIP_SQL = r"""
 DO $$
 DECLARE
@@ -664,14 +683,48 @@ BEGIN
     'ledger_refuse_unnegated(bigint[])',
     'ledger_open_balances(bigint[], bigint[])'
   ] LOOP
-    EXECUTE format('ALTER FUNCTION %s SET search_path = %I, pg_temp', f, current_schema());
+    EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f);
     EXECUTE format('ALTER FUNCTION %s OWNER TO ledger_poster', f);
+    EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
   END LOOP;
-  -- The helpers are the posters' own: nobody else calls them.
-  REVOKE ALL ON FUNCTION ledger_refuse_closed(timestamptz[]), ledger_refuse_unnegated(bigint[]),
-                         ledger_open_balances(bigint[], bigint[]) FROM PUBLIC;
+  -- The posters, to whoever runs the migrations (the application, unless it has a
+  -- role of its own: then GRANT EXECUTE on these two to it).
+  GRANT EXECUTE ON FUNCTION
+    ledger_post(text[], text[], text[], timestamptz[], text[], bigint[], int[], text[],
+                text[], numeric[]),
+    ledger_post_transfer(text, text, text, timestamptz, text, text, text, text, numeric)
+    TO CURRENT_USER;
 END $$;
 """
+
+# Not a number is a numeric value PostgreSQL accepts in NUMERIC(38, 0) and equal to
+# itself; no amount or balance may be one, whoever writes (the posters refuse it too).
+NAN_SQL = r"""
+ALTER TABLE ledger_posting ADD CONSTRAINT ledger_posting_amounts_are_numbers
+  CHECK (amount <> 'NaN' AND balance_after <> 'NaN');
+ALTER TABLE ledger_balance ADD CONSTRAINT ledger_balance_amount_is_a_number
+  CHECK (amount <> 'NaN');
+"""
+
+_LEDGER_NAMES = re.compile(
+    r"\b(ledger_(?:account|asset|balance|transaction|posting|period)\b(?!_)"
+    r"|ledger_posting_id_seq\b"
+    r"|ledger_(?:post|post_transfer|refuse_closed|refuse_unnegated|open_balances)(?=\())"
+)
+
+
+def qualified(sql: str, schema: str) -> str:
+    """`sql` with the ledger's tables, sequence and posting functions schema-qualified."""
+    prefix = '"' + schema.replace('"', '""') + '".'
+    return _LEDGER_NAMES.sub(lambda match: prefix + match.group(0), sql)
+
+
+def create_posters(apps, schema_editor):
+    with schema_editor.connection.cursor() as cursor:
+        cursor.execute("SELECT current_schema()")
+        (schema,) = cursor.fetchone()
+    for sql in (HELPERS_SQL, POST_TRANSFER_SQL, POST_SQL):
+        schema_editor.execute(qualified(sql, schema), params=None)
 
 
 class Migration(migrations.Migration):
@@ -683,8 +736,7 @@ class Migration(migrations.Migration):
         # Irreversible like 0003 and 0004: the rules are the same, only who pays for them.
         migrations.RunSQL(ROLE_SQL),
         migrations.RunSQL(TRIGGERS_SQL),
-        migrations.RunSQL(HELPERS_SQL),
-        migrations.RunSQL(POST_TRANSFER_SQL),
-        migrations.RunSQL(POST_SQL),
+        migrations.RunSQL(NAN_SQL),
+        migrations.RunPython(create_posters),
         migrations.RunSQL(OWNERSHIP_SQL),
     ]

@@ -363,9 +363,53 @@ def test_the_posting_functions_run_as_ledger_poster_with_a_fixed_search_path(sig
     )
     assert definer is True
     assert owner == "ledger_poster"
-    # A SECURITY DEFINER function must not find what its caller created (pg_temp last).
-    (schema,) = sql("SELECT current_schema()")[0]
-    assert f"search_path={schema}, pg_temp" in config
+    # A SECURITY DEFINER function must not find what its caller created: only pg_catalog,
+    # and pg_temp last (the ledger's own names are written schema-qualified).
+    assert "search_path=pg_catalog, pg_temp" in config
+
+
+@pytest.mark.parametrize("signature", [*POSTERS.values(), *HELPERS])
+def test_no_posting_function_is_executable_by_public(signature):
+    # A read-only or reporting role must not post as ledger_poster: EXECUTE is granted.
+    ((public,),) = sql("SELECT has_function_privilege('public', %s, 'EXECUTE')", [signature])
+    assert public is False
+
+
+def test_a_function_planted_in_the_ledgers_schema_is_not_called_by_the_posters(world):
+    # An exact argument match beats pg_catalog's polymorphic function wherever the schema
+    # is in the search path; the posters keep only pg_catalog in theirs.
+    sql("CREATE FUNCTION cardinality(text[]) RETURNS int LANGUAGE sql AS $$ SELECT 1 / 0 $$")
+    try:
+        rows = ledger_post(five_usd("planted"), FILLER)
+        assert [created for _, created in rows] == [True, True]
+        assert ledger_post_transfer("planted-2", CASH, FEES, 1)[0][1] is True
+    finally:
+        sql("DROP FUNCTION cardinality(text[])")
+    assert_books_hold()
+
+
+@pytest.mark.parametrize("amount", ["NaN", "Infinity", "-Infinity", None])
+def test_a_transfer_of_no_number_is_refused(world, amount):
+    with refused("22023", "whole numbers of the asset's smallest unit"):
+        sql(LEDGER_POST_TRANSFER, ["nan", "h", "", None, "{}", CASH, FEES, "USD", amount])
+
+
+def test_nan_is_refused_by_the_tables_themselves(world):
+    ids = test_rules.posting_ids(2)
+    with refused("23514", "ledger_posting_amounts_are_numbers"), transaction.atomic():
+        tx = test_rules.insert_transaction("raw-nan", first_posting_id=ids[0])
+        sql(
+            "INSERT INTO ledger_posting (id, transaction_id, account_id, asset_id, amount, "
+            "effective_at, recorded_at, balance_after) SELECT %s, %s, a.id, s.id, 'NaN', "
+            "now(), clock_timestamp(), 'NaN' FROM ledger_account a, ledger_asset s "
+            "WHERE a.code = %s AND s.code = 'USD'",
+            [ids[0], tx, CASH],
+        )
+
+
+def test_one_call_cannot_post_two_entries_under_one_key(world):
+    with refused("22023", "its own idempotency key"):
+        ledger_post(five_usd("twice"), Raw("twice", [(CASH, "TOK", 999), (FEES, "TOK", -999)]))
 
 
 def test_ledger_poster_cannot_log_in():
@@ -589,3 +633,68 @@ def test_opening_a_balance_row_while_holding_another_does_not_deadlock(path):
         "acct:d": -100 - 20,
     }
     assert_books_hold()
+
+
+def test_a_batch_and_a_transfer_of_one_key_wait_on_the_key_not_in_a_circle():
+    """Every poster takes its keys before its balance rows.
+
+    R holds A's balance row. S1 posts a batch holding key K (A and B); S2 posts K again
+    as a transfer. Had the batch locked rows before keys (as before), S2 would hold K
+    and wait for A while S1 held A and waited for K: a deadlock. Now S1 holds K and
+    waits for A, S2 waits for K, and when R commits S2 finds K posted: a replay.
+    """
+    asset_create(code="USD", scale=2)
+    for code in ("acct:a", "acct:b", "acct:c"):
+        account_open(code=code, kind=AccountKind.ASSET)
+    post_pair("transfer", "open", "acct:a", "acct:b", 1)
+    k = Entry("K", legs(("acct:a", "USD", 5), ("acct:b", "USD", -5)))
+    outcomes: dict[str, dict[str, object]] = {"S1": {}, "S2": {}}
+    started = {name: threading.Event() for name in outcomes}
+
+    def poster(name: str, entries: list[Entry]) -> None:
+        outcome = outcomes[name]
+        try:
+            connection.ensure_connection()
+            outcome["pid"] = connection.connection.info.backend_pid
+            started[name].set()
+            outcome["posted"] = transactions_post(entries=entries)
+        except BaseException as error:
+            outcome["error"] = error
+        finally:
+            started[name].set()
+            connection.close()
+
+    threads = {
+        "S1": threading.Thread(target=poster, args=("S1", [k, five_usd_entry("K2")])),
+        "S2": threading.Thread(target=poster, args=("S2", [k])),
+    }
+    try:
+        with transaction.atomic():
+            post_pair("transfer", "hold-a", "acct:a", "acct:c", 1)  # R holds A's row
+            r_pid = connection.connection.info.backend_pid
+            threads["S1"].start()
+            assert started["S1"].wait(TIMEOUT)
+            wait_until_blocked(outcomes["S1"]["pid"], r_pid, lambda: len(outcomes["S1"]) > 1)
+            threads["S2"].start()
+            assert started["S2"].wait(TIMEOUT)
+            wait_until_blocked(
+                outcomes["S2"]["pid"], outcomes["S1"]["pid"], lambda: len(outcomes["S2"]) > 1
+            )
+    finally:
+        for thread in threads.values():
+            if thread.ident is not None:
+                thread.join(TIMEOUT)
+    assert {name: o.get("error") for name, o in outcomes.items()} == {"S1": None, "S2": None}
+    first, _ = outcomes["S1"]["posted"]
+    (again,) = outcomes["S2"]["posted"]
+    assert (first.created, again.created, again.transaction_id) == (
+        True,
+        False,
+        first.transaction_id,
+    )
+    assert stored_balances()[("acct:a", "USD")] == 1 + 1 + 5
+    assert_books_hold()
+
+
+def five_usd_entry(key: str) -> Entry:
+    return Entry(key, legs(("acct:b", "USD", 5), ("acct:c", "USD", -5)))

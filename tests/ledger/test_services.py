@@ -10,11 +10,13 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from types import MappingProxyType
 from zoneinfo import ZoneInfo
 
+import psycopg
 import pytest
 from django.contrib.auth import get_user_model
-from django.db import connection
+from django.db import OperationalError, connection
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -801,6 +803,46 @@ def test_content_json_is_the_encoders_byte_for_byte(
         reverses_id=reverses,
     )
     assert services._content_json(entry) == content_json_reference(entry)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "reverses"),
+    [(None, None), (MappingProxyType({}), None), ({}, Decimal(7)), (MappingProxyType({"a": 1}), 7)],
+)
+def test_content_json_matches_the_encoder_for_other_mappings_and_numbers(metadata, reverses):
+    entry = Entry(idempotency_key="k", legs=legs(*SALE), metadata=metadata, reverses_id=reverses)
+    assert services._content_json(entry) == content_json_reference(entry)
+
+
+@committing_db
+def test_the_libpq_path_survives_a_statement_prepared_by_another_connection_object():
+    # A pooled server connection may reach a new DatabaseWrapper that does not know the
+    # statement is prepared there already (42P05): it is the same statement.
+    chart()
+    assert transfer("pooled-1", "platform:cash", "platform:fees", 1).created
+    delattr(connection, "_ledger_prepared")
+    assert transfer("pooled-2", "platform:cash", "platform:fees", 1).created
+    assert stored_balances()[("platform:cash", "USD")] == 2
+
+
+@committing_db
+def test_a_lost_connection_is_an_operational_error_on_the_libpq_path():
+    chart()
+    transfer("before", "platform:cash", "platform:fees", 1)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+    with psycopg.connect(**connection.get_connection_params(), autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", [pid])
+    with pytest.raises(OperationalError):
+        transfer("after", "platform:cash", "platform:fees", 1)
+    connection.close()
+    assert transfer("after", "platform:cash", "platform:fees", 1).created
+
+
+def test_a_nul_character_in_metadata_is_refused_by_name(world):
+    with pytest.raises(InvalidTransaction, match="metadata contains a NUL character"):
+        transaction_post(idempotency_key="nul-meta", legs=legs(*SALE), metadata={"x": "a\x00b"})
 
 
 def test_a_nul_character_is_refused_by_name(world):
