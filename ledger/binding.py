@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import psycopg
@@ -117,7 +117,8 @@ def array_literal(values: Sequence[str | int | datetime | None]) -> bytes:
     """Write a one-dimensional PostgreSQL array literal of these values, in text format.
 
     Strings are double-quoted, with backslash and quote escaped (nothing else is special
-    inside quotes); None is NULL; ints and instants (ISO 8601, with offset) as their text.
+    inside quotes); None is NULL; ints as their text, instants in ISO 8601 in UTC (an
+    offset of seconds or less is no input PostgreSQL reads).
     The common case (no backslash or quote anywhere) is one join, at C speed. A NUL
     cannot be sent (libpq ends a text parameter there): refused, not cut off.
     """
@@ -145,7 +146,10 @@ def array_literal(values: Sequence[str | int | datetime | None]) -> bytes:
     if isinstance(first, datetime):
         return (
             "{"
-            + ",".join("NULL" if v is None else cast(datetime, v).isoformat() for v in values)
+            + ",".join(
+                "NULL" if v is None else cast(datetime, v).astimezone(UTC).isoformat()
+                for v in values
+            )
             + "}"
         ).encode()
     return ("{" + ",".join("NULL" if v is None else str(v) for v in values) + "}").encode()

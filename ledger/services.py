@@ -411,7 +411,7 @@ def transactions_post(*, entries: Sequence[Entry]) -> list[Posted]:
         raw = [array_literal(values) for values in params]
         with _database_rules():
             rows = [
-                (int(tx_id or 0), created == b"t")
+                (_int(tx_id), created == b"t")
                 for tx_id, created in exec_prepared(
                     db, "ledger_post", _LEDGER_POST_LIBPQ, raw, (False,) * len(raw)
                 )
@@ -445,7 +445,7 @@ def _post_transfer(entry: Entry) -> Posted:
         entry.idempotency_key.encode(),
         _content_hash(entry).encode(),
         entry.description.encode(),
-        entry.effective_at.isoformat().encode() if entry.effective_at else None,
+        entry.effective_at.astimezone(UTC).isoformat().encode() if entry.effective_at else None,
         _metadata_json(entry).encode(),
         debit.account.encode(),
         credit.account.encode(),
@@ -456,10 +456,15 @@ def _post_transfer(entry: Entry) -> Posted:
         ((tx_id, created),) = exec_prepared(
             db, "ledger_post_transfer", _LEDGER_POST_TRANSFER_LIBPQ, raw, _TRANSFER_BINARY
         )
-    assert tx_id is not None
     return Posted(
-        transaction_id=int(tx_id), idempotency_key=entry.idempotency_key, created=created == b"t"
+        transaction_id=_int(tx_id), idempotency_key=entry.idempotency_key, created=created == b"t"
     )
+
+
+def _int(value: bytes | None) -> int:
+    if value is None:  # the posting functions return an id for every entry
+        raise DatabaseError("a posting function returned no transaction id")
+    return int(value)
 
 
 def transaction_post(

@@ -109,11 +109,14 @@ BEGIN
          (SELECT s.id FROM ledger_asset s WHERE s.code = p_asset)
     INTO v_account_1, v_account_2, v_asset;
   IF v_account_1 IS NULL OR v_account_2 IS NULL OR v_asset IS NULL THEN
-    -- ledger_post() names unknown codes (TL011, TL012), sorted, with their DETAIL.
-    PERFORM ledger_post(ARRAY[p_key], ARRAY[p_hash], ARRAY[p_description],
-                        ARRAY[p_effective_at], ARRAY[p_metadata], ARRAY[NULL::bigint],
-                        ARRAY[1, 1], ARRAY[p_account_1, p_account_2], ARRAY[p_asset, p_asset],
-                        ARRAY[p_amount_1, -p_amount_1]);
+    -- ledger_post() names unknown codes (TL011, TL012), sorted, with their DETAIL; if
+    -- they were opened meanwhile, it posts the entry, and its answer is this one's.
+    SELECT r.transaction_id, r.created INTO transaction_id, created
+      FROM ledger_post(ARRAY[p_key], ARRAY[p_hash], ARRAY[p_description],
+                       ARRAY[p_effective_at], ARRAY[p_metadata], ARRAY[NULL::bigint],
+                       ARRAY[1, 1], ARRAY[p_account_1, p_account_2], ARRAY[p_asset, p_asset],
+                       ARRAY[p_amount_1, -p_amount_1]) AS r;
+    RETURN;
   ELSIF v_account_1 = v_account_2 THEN
     RAISE EXCEPTION USING ERRCODE = '22023',
       MESSAGE = 'ledger_post_transfer moves between two accounts; use ledger_post';
@@ -148,7 +151,7 @@ BEGIN
   IF transaction_id IS NULL THEN
     SELECT t.id, t.content_hash INTO transaction_id, v_hash
       FROM ledger_transaction t WHERE t.idempotency_key = p_key;
-    IF v_hash <> p_hash THEN
+    IF FOUND AND v_hash IS DISTINCT FROM p_hash THEN
       RAISE EXCEPTION USING ERRCODE = 'TL010',
         DETAIL = json_build_object('idempotency_key', p_key, 'transaction_id', transaction_id),
         MESSAGE = format('idempotency key %s was already posted with different content',
@@ -525,7 +528,7 @@ BEGIN
       FROM unnest(p_keys, p_hashes) WITH ORDINALITY AS k(key, hash, ord)
       LEFT JOIN ledger_transaction t ON t.idempotency_key = k.key
      WHERE NOT k.ord = ANY (coalesce(v_created_ord, '{}'))
-       AND (t.id IS NULL OR t.content_hash <> k.hash)
+       AND (t.id IS NULL OR t.content_hash IS DISTINCT FROM k.hash)
      LIMIT 1;
     IF FOUND AND bad.id IS NULL THEN  -- its poster rolled back after we waited for it
       RAISE EXCEPTION USING ERRCODE = '40001',

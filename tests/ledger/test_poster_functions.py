@@ -698,3 +698,16 @@ def test_a_batch_and_a_transfer_of_one_key_wait_on_the_key_not_in_a_circle():
 
 def five_usd_entry(key: str) -> Entry:
     return Entry(key, legs(("acct:b", "USD", 5), ("acct:c", "USD", -5)))
+
+
+def test_an_entry_without_a_hash_is_refused_not_taken_for_a_replay(world):
+    ledger_post_transfer("hashed", CASH, FEES, 5)
+    with refused("23502", "content_hash"):
+        sql(LEDGER_POST_TRANSFER, ["hashed", None, "", None, "{}", CASH, FEES, "USD", 5])
+    with refused("23502", "content_hash"):
+        sql(
+            LEDGER_POST,
+            [["hashed", "other"], [None, "h"], ["", ""], [None, None], ["{}", "{}"],
+             [None, None], [1, 1, 2, 2], [CASH, FEES, CASH, FEES], ["USD"] * 4,
+             [5, -5, 1, -1]],
+        )  # fmt: skip

@@ -678,7 +678,11 @@ def test_a_transfer_committed_on_its_own_goes_through_libpq_and_says_the_same():
     with connection.cursor() as cursor:
         cursor.execute("DEALLOCATE ALL")
     assert transfer("after-deallocate", "platform:cash", "platform:fees", 1).created
-    assert stored_balances()[("platform:cash", "USD")] == 8
+    # An offset of seconds and microseconds is sent as the instant it names.
+    odd_zone = datetime(2025, 2, 1, tzinfo=timezone(timedelta(seconds=1, microseconds=5)))
+    odd = transfer("odd-offset", "platform:cash", "platform:fees", 1, effective_at=odd_zone)
+    assert Transaction.objects.get(pk=odd.transaction_id).effective_at == odd_zone
+    assert stored_balances()[("platform:cash", "USD")] == 9
     assert_books_hold()
 
 
