@@ -1,14 +1,16 @@
 """Every write to the books: open assets and accounts, post, reverse, open and close periods.
 
 One way in (`transactions_post`, with `transaction_post` for one entry), one way to
-correct (`transaction_reverse`). The database enforces the same rules again
-(migrations 0002 and 0003); the checks here run first so callers get a precise error.
+correct (`transaction_reverse`). The database enforces the same rules again: the
+posting functions check their input themselves, the triggers police every other writer
+(migrations 0002 to 0006); the checks here run first so callers get a precise error.
 
-Hot path: posting is one call of the SQL function `ledger_post()` (migration 0003)
-with the batch as arrays. Through the ORM, `bulk_create` builds a model instance per
-leg, cannot say ON CONFLICT DO NOTHING RETURNING (which idempotency needs) and costs a
-round trip per table; measured with `manage.py bench ledger`, one set-based call per
-batch is what posting throughput needs.
+Hot path: posting is one call of the SQL function `ledger_post()` (migration 0006)
+with the batch as arrays, or `ledger_post_transfer()` for one two-leg entry; outside an
+atomic block sent straight through libpq (ledger.binding.exec_prepared). Through the
+ORM, `bulk_create` builds a model instance per leg, cannot say ON CONFLICT DO NOTHING
+RETURNING (which idempotency needs) and costs a round trip per table; measured with
+`manage.py bench ledger`, one set-based call per batch is what posting throughput needs.
 """
 
 from __future__ import annotations
@@ -295,14 +297,15 @@ def _posting_error(error: DatabaseError) -> LedgerError | None:
     return None
 
 
-# One call per batch: ledger_post() (migration 0003) locks the balance rows in
-# (account, asset) order, inserts the transactions, then the postings with their
-# running balances, and returns the ids: four statements whatever the batch size.
-# Outside an atomic block the call is its own database transaction: one round trip.
+# One call per batch: ledger_post() (migration 0006) inserts the transactions (keys in
+# order), locks the balance rows in (account, asset) order, then inserts the postings
+# with their running balances and moves the rows, and returns the ids: a few statements
+# whatever the batch size. Outside an atomic block the call is its own database
+# transaction: one round trip, through libpq (_LEDGER_POST_LIBPQ).
 #
-# Parameters go in binary (%b) through ledger.binding: client-side binding measured at a
-# third of a 1,000-entry batch. Amounts travel as text, so that no value is squeezed
-# into a fixed-width integer.
+# Inside one, parameters go in binary (%b) through ledger.binding: client-side binding
+# measured at a third of a 1,000-entry batch. Amounts travel as text, so that no value
+# is squeezed into a fixed-width integer.
 _LEDGER_POST = """
 SELECT transaction_id, created
   FROM ledger_post(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[],
@@ -311,8 +314,8 @@ SELECT transaction_id, created
 
 
 # One entry moving one asset between two accounts, the usual call: scalar parameters
-# (migration 0005). Measured from Python, 908-980/s against 563/s for the same entry
-# as ten one-element arrays through ledger_post().
+# (migrations 0005, 0006). Measured from Python, 908-980/s against 563/s for the same
+# entry as ten one-element arrays through ledger_post().
 _LEDGER_POST_TRANSFER = """
 SELECT transaction_id, created
   FROM ledger_post_transfer(%b::text, %b::text, %b::text, %b::timestamptz, %b::text,
