@@ -60,8 +60,8 @@ def exec_prepared(
 ) -> list[tuple[bytes | None, ...]]:
     """Run `query` as a prepared statement straight through libpq; rows as text bytes.
 
-    For the one call where the driver's own cost shows: a transfer committed on its
-    own. psycopg's cursor (query conversion, adapters, its prepared-statement cache,
+    For the calls where the driver's own cost shows: a post committed on its own (a
+    transfer, a batch). psycopg's cursor (query conversion, adapters, its prepared-statement cache,
     result loaders) cost about 45 us of CPU a call more than this, measured, and four
     processes posting to hot accounts share two cores with the server. Only outside a
     transaction (psycopg starts one itself when the connection is not in autocommit,

@@ -297,44 +297,80 @@ def _posting_error(error: DatabaseError) -> LedgerError | None:
     return None
 
 
+def _poster_queries(function: str, types: Sequence[str]) -> tuple[str, str]:
+    """The call of a posting function, for the psycopg cursor (%b) and for libpq ($n)."""
+    cursor = ", ".join(f"%b::{t}" for t in types)
+    libpq = ", ".join(f"${n}::{t}" for n, t in enumerate(types, 1))
+    return (
+        f"SELECT transaction_id, created FROM {function}({cursor})",
+        f"SELECT transaction_id, created FROM {function}({libpq})",
+    )
+
+
 # One call per batch: ledger_post() (migration 0006) inserts the transactions (keys in
 # order), locks the balance rows in (account, asset) order, then inserts the postings
 # with their running balances and moves the rows, and returns the ids: a few statements
-# whatever the batch size. Outside an atomic block the call is its own database
-# transaction: one round trip, through libpq (_LEDGER_POST_LIBPQ).
-#
-# Inside one, parameters go in binary (%b) through ledger.binding: client-side binding
-# measured at a third of a 1,000-entry batch. Amounts travel as text, so that no value
-# is squeezed into a fixed-width integer.
-_LEDGER_POST = """
-SELECT transaction_id, created
-  FROM ledger_post(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[],
-                   %b::bigint[], %b::int[], %b::text[], %b::text[], %b::numeric[])
-"""
-
+# whatever the batch size. Amounts travel as text, so that no value is squeezed into a
+# fixed-width integer.
+_LEDGER_POST, _LEDGER_POST_LIBPQ = _poster_queries(
+    "ledger_post",
+    # keys, hashes, descriptions, effective times, metadata, reversals; then per leg:
+    # entry, account, asset, amount
+    [
+        *("text[]", "text[]", "text[]", "timestamptz[]", "text[]", "bigint[]"),
+        *("int[]", "text[]", "text[]", "numeric[]"),
+    ],
+)
+_POST_BINARY = (False,) * 10  # array literals are text
 
 # One entry moving one asset between two accounts, the usual call: scalar parameters
 # (migrations 0005, 0006). Measured from Python, 908-980/s against 563/s for the same
 # entry as ten one-element arrays through ledger_post().
-_LEDGER_POST_TRANSFER = """
-SELECT transaction_id, created
-  FROM ledger_post_transfer(%b::text, %b::text, %b::text, %b::timestamptz, %b::text,
-                            %b::text, %b::text, %b::text, %b::numeric)
-"""
-
-
-_LEDGER_POST_LIBPQ = """
-SELECT transaction_id, created
-  FROM ledger_post($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[],
-                   $6::bigint[], $7::int[], $8::text[], $9::text[], $10::numeric[])
-"""
-_LEDGER_POST_TRANSFER_LIBPQ = """
-SELECT transaction_id, created
-  FROM ledger_post_transfer($1::text, $2::text, $3::text, $4::timestamptz, $5::text,
-                            $6::text, $7::text, $8::text, $9::numeric)
-"""
+_LEDGER_POST_TRANSFER, _LEDGER_POST_TRANSFER_LIBPQ = _poster_queries(
+    "ledger_post_transfer",
+    ("text", "text", "text", "timestamptz", "text", "text", "text", "text", "numeric"),
+)
 # text parameters in binary (exact lengths), the instant and the amount as text
 _TRANSFER_BINARY = (True, True, True, False, True, True, True, True, False)
+
+
+def _post_through(
+    name: str, queries: tuple[str, str], params: list[Any], binary: Sequence[bool]
+) -> list[tuple[int, bool]]:
+    """Call a posting function with `params`; its (transaction id, created) rows.
+
+    Inside an atomic block, through psycopg's cursor with binary parameters (a
+    savepoint, see `_call`). Outside one the call is its own database transaction, one
+    round trip, straight through libpq (ledger.binding.exec_prepared says why), its
+    arrays written as PostgreSQL array literals: a third of the cost of psycopg's
+    per-element dumping of a 1,000-entry batch.
+    """
+    db = database()
+    if db.in_atomic_block or not db.get_autocommit():
+        return [(int(tx_id), bool(created)) for tx_id, created in _call(queries[0], params)]
+    raw = [_libpq_text(value) for value in params]
+    with _database_rules():
+        return [
+            (_int(tx_id), created == b"t")
+            for tx_id, created in exec_prepared(db, name, queries[1], raw, binary)
+        ]
+
+
+def _libpq_text(value: Any) -> bytes | None:
+    """A parameter as libpq takes it: text bytes, an array literal, instants in UTC."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return array_literal(value)
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().encode()
+    return str(value).encode()
+
+
+def _int(value: bytes | None) -> int:
+    if value is None:  # the posting functions return an id for every entry
+        raise DatabaseError("a posting function returned no transaction id")
+    return int(value)
 
 
 def _call(query: str, params: list[Any]) -> list[tuple[Any, ...]]:
@@ -404,21 +440,7 @@ def transactions_post(*, entries: Sequence[Entry]) -> list[Posted]:
         leg_asset,
         leg_amount,
     ]
-    db = database()
-    if db.in_atomic_block or not db.get_autocommit():
-        rows = _call(_LEDGER_POST, params)
-    else:
-        # A batch committed on its own: straight through libpq, the arrays written as
-        # PostgreSQL array literals (ledger.binding.array_literal), which costs a third
-        # of psycopg's per-element dumping of a 1,000-entry batch.
-        raw = [array_literal(values) for values in params]
-        with _database_rules():
-            rows = [
-                (_int(tx_id), created == b"t")
-                for tx_id, created in exec_prepared(
-                    db, "ledger_post", _LEDGER_POST_LIBPQ, raw, (False,) * len(raw)
-                )
-            ]
+    rows = _post_through("ledger_post", (_LEDGER_POST, _LEDGER_POST_LIBPQ), params, _POST_BINARY)
     return [
         Posted(transaction_id=tx_id, idempotency_key=entry.idempotency_key, created=created)
         for entry, (tx_id, created) in zip(entries, rows, strict=True)
@@ -427,47 +449,24 @@ def transactions_post(*, entries: Sequence[Entry]) -> list[Posted]:
 
 def _post_transfer(entry: Entry) -> Posted:
     debit, credit = entry.legs  # validated: balanced, so credit.amount == -debit.amount
-    db = database()
-    if db.in_atomic_block or not db.get_autocommit():
-        params = [
-            entry.idempotency_key,
-            _content_hash(entry),
-            entry.description,
-            entry.effective_at,
-            _metadata_json(entry),
-            debit.account,
-            credit.account,
-            debit.asset,
-            str(debit.amount),
-        ]
-        ((tx_id, created),) = _call(_LEDGER_POST_TRANSFER, params)
-        return Posted(transaction_id=tx_id, idempotency_key=entry.idempotency_key, created=created)
-    # A transfer committed on its own (an API request, a task, the bench): straight
-    # through libpq (ledger.binding.exec_prepared says why), one round trip.
-    raw = [
-        entry.idempotency_key.encode(),
-        _content_hash(entry).encode(),
-        entry.description.encode(),
-        entry.effective_at.astimezone(UTC).isoformat().encode() if entry.effective_at else None,
-        _metadata_json(entry).encode(),
-        debit.account.encode(),
-        credit.account.encode(),
-        debit.asset.encode(),
-        str(debit.amount).encode(),
+    params = [
+        entry.idempotency_key,
+        _content_hash(entry),
+        entry.description,
+        entry.effective_at,
+        _metadata_json(entry),
+        debit.account,
+        credit.account,
+        debit.asset,
+        str(debit.amount),
     ]
-    with _database_rules():
-        ((tx_id, created),) = exec_prepared(
-            db, "ledger_post_transfer", _LEDGER_POST_TRANSFER_LIBPQ, raw, _TRANSFER_BINARY
-        )
-    return Posted(
-        transaction_id=_int(tx_id), idempotency_key=entry.idempotency_key, created=created == b"t"
+    ((tx_id, created),) = _post_through(
+        "ledger_post_transfer",
+        (_LEDGER_POST_TRANSFER, _LEDGER_POST_TRANSFER_LIBPQ),
+        params,
+        _TRANSFER_BINARY,
     )
-
-
-def _int(value: bytes | None) -> int:
-    if value is None:  # the posting functions return an id for every entry
-        raise DatabaseError("a posting function returned no transaction id")
-    return int(value)
+    return Posted(transaction_id=tx_id, idempotency_key=entry.idempotency_key, created=created)
 
 
 def transaction_post(
