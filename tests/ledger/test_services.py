@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from django.contrib.auth import get_user_model
 from django.db import OperationalError, connection
+from django.db.models import F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -249,6 +250,34 @@ def test_batch_posts_every_entry_in_order_in_one_go(world):
         ("platform:cash", "USD"): total,
         ("provider:p1:payable", "USD"): -total,
     }
+    assert_books_hold()
+
+
+def test_a_batch_dated_now_is_recorded_from_its_own_instant(world):
+    """Its postings are not back-dated by the time the batch took to post (migration 0007).
+
+    Each balance row's run starts at the batch's instant, one microsecond apart: on
+    0006 they started after the batch had locked its rows, 20 ms and more later, which
+    put every posting of the batch in the back-dated index.
+    """
+    entries = [
+        Entry(
+            idempotency_key=f"now-{i}",
+            legs=legs(("platform:cash", "USD", i + 1), ("provider:p1:payable", "USD", -(i + 1))),
+        )
+        for i in range(1000)
+    ]
+    transactions_post(entries=entries)
+    lags = sorted(
+        Posting.objects.annotate(lag=F("recorded_at") - F("effective_at")).values_list(
+            "lag", flat=True
+        )
+    )
+    # two balance rows, a run of 1,000 postings each
+    assert lags == sorted(2 * [timedelta(microseconds=n) for n in range(1000)])
+    assert set(Transaction.objects.values_list("recorded_at", flat=True)) == set(
+        Transaction.objects.values_list("effective_at", flat=True)
+    )
     assert_books_hold()
 
 
