@@ -9,11 +9,12 @@ running balance in that order). Effective time never exceeds recorded time, so
 
 The second term is small: either recorded within BACKDATED_LAG after T (an entry
 posted "now" is recorded within microseconds of its effective time, or after waiting
-for its balance rows' locks), or back-dated by
-more than that, which `ledger_posting_backdated_idx` finds by lag class: a posting
-of class k was recorded less than 10 ms x 2^k after its effective time, so one range
-probe per class (41 of them, up to centuries of lag) reads about twice the postings
-that straddle T. The cost follows the postings back-dated across T, not the history.
+for its balance rows' locks; a batch's postings to one row a microsecond apart from
+the batch's instant, migration 0007), or back-dated by more than that, which
+`ledger_posting_backdated_idx` finds by lag class: a posting of class k was recorded
+less than 10 ms x 2^k after its effective time, so one range probe per class (41 of
+them, up to centuries of lag) reads about twice the postings that straddle T. The
+cost follows the postings back-dated across T, not the history.
 """
 
 from __future__ import annotations

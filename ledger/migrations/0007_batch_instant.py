@@ -16,8 +16,8 @@ asset) order, its running sum and its count within the batch, computed once, and
 posting statement reads the locked rows' amounts and times by that place. The repeated
 key check runs only when an entry was not created (a replay, or a key given twice).
 
-Measured (scripts in the closing note of issue 2), the same 1,000-entry batch through
-0006's and this function, alternated on one database: 67.2 and 55.7 ms (medians of 30).
+Measured: the same kind of 1,000-entry batch through 0006's function and this one,
+alternated 30 times on one database, took 67.2 and 55.7 ms (medians), commit excluded.
 """
 
 import importlib
