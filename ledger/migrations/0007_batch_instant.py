@@ -46,6 +46,7 @@ DECLARE
   e_tx bigint[];
   e_first bigint[];
   e_effective timestamptz[];
+  v_instants timestamptz[];
   v_missing bigint;
   v_inserted bigint;
   v_now timestamptz;
@@ -109,25 +110,28 @@ BEGIN
                 'entry (keys, hashes, descriptions, effective times, metadata, reversals) '
                 'and one per leg (entry, account, asset, amount)';
   END IF;
-  SELECT count(DISTINCT g.entry) AS entries,
-         bool_and(coalesce(g.entry BETWEEN 1 AND v_entries, false)) AS named,
-         bool_and(g.whole) AS whole,
-         (array_agg(g.entry) FILTER (WHERE g.total <> 0))[1] AS entry,
-         (array_agg(g.asset) FILTER (WHERE g.total <> 0))[1] AS asset,
-         (array_agg(g.total) FILTER (WHERE g.total <> 0))[1] AS total
+  SELECT count(*) AS entries, bool_and(e.named) AS named, bool_and(e.whole) AS whole,
+         bool_and(e.balanced) AS balanced
     INTO bad
-    FROM (SELECT u.entry, u.asset, sum(u.amount) AS total,
-                 bool_and(coalesce(abs(u.amount) < 1e38 AND u.amount = trunc(u.amount),
-                                   true)) AS whole
-            FROM unnest(p_leg_entry, p_leg_asset, p_leg_amount) AS u(entry, asset, amount)
-           GROUP BY u.entry, u.asset) g;
+    FROM (SELECT bool_and(coalesce(g.entry BETWEEN 1 AND v_entries, false)) AS named,
+                 bool_and(g.whole) AS whole, bool_and(g.total = 0) AS balanced
+            FROM (SELECT u.entry, sum(u.amount) AS total,
+                         bool_and(coalesce(abs(u.amount) < 1e38 AND u.amount = trunc(u.amount),
+                                           true)) AS whole
+                    FROM unnest(p_leg_entry, p_leg_asset, p_leg_amount) AS u(entry, asset, amount)
+                   GROUP BY u.entry, u.asset) g
+           GROUP BY g.entry) e;
   IF NOT bad.whole THEN
     RAISE EXCEPTION USING ERRCODE = '22023',
       MESSAGE = 'leg amounts are whole numbers of the asset''s smallest unit';
   ELSIF NOT bad.named OR bad.entries <> v_entries THEN
     RAISE EXCEPTION USING ERRCODE = '22023',
       MESSAGE = format('each leg names an entry 1..%s, and each entry has legs', v_entries);
-  ELSIF bad.entry IS NOT NULL THEN
+  ELSIF NOT bad.balanced THEN
+    SELECT u.entry, u.asset, sum(u.amount) AS total INTO bad
+      FROM unnest(p_leg_entry, p_leg_asset, p_leg_amount) AS u(entry, asset, amount)
+     GROUP BY u.entry, u.asset HAVING sum(u.amount) <> 0
+     ORDER BY u.entry, u.asset LIMIT 1;
     RAISE EXCEPTION USING ERRCODE = 'TL001',
       MESSAGE = format('transaction (%s) does not balance: asset %s sums to %s',
                        p_keys[bad.entry], bad.asset, bad.total);
@@ -241,8 +245,11 @@ BEGIN
   -- A batch: set-based, a few statements whatever its size, each one pass over the
   -- legs; the legs travel between them as arrays, read by position, not joined.
   -- 1. Resolve the codes (each looked up once, into a map the legs read: 2,000 index
-  -- probes cost more than the map), draw the posting ids in leg order, and name each
-  -- entry's first posting (the transaction names it).
+  -- probes cost more than the map), draw the posting ids in leg order, name each
+  -- entry's first posting (the transaction names it), and place each leg in its balance
+  -- row's run: the row (by its place in (account, asset) order), the running sum and
+  -- count within the batch; per row, the totals. Computed as if every entry were new;
+  -- step 3 computes them again when one is not.
   WITH u AS MATERIALIZED (
     SELECT u.*, nextval('ledger_posting_id_seq'::regclass) AS id
       FROM unnest(p_leg_entry, p_leg_account, p_leg_asset, p_leg_amount)
@@ -252,13 +259,32 @@ BEGIN
              WHERE a.code = ANY (ARRAY(SELECT DISTINCT u.account FROM u))) AS accounts,
            (SELECT jsonb_object_agg(s.code, s.id) FROM ledger_asset s
              WHERE s.code = ANY (ARRAY(SELECT DISTINCT u.asset FROM u))) AS assets
+  ), l AS (
+    SELECT u.entry, u.id, (codes.accounts ->> u.account)::bigint AS account,
+           (codes.assets ->> u.asset)::bigint AS asset, u.amount
+      FROM u CROSS JOIN codes
+  ), r AS MATERIALIZED (
+    SELECT l.*, dense_rank() OVER (ORDER BY l.account, l.asset) AS pair,
+           sum(l.amount) OVER w AS run, row_number() OVER w AS nth
+      FROM l
+    WINDOW w AS (PARTITION BY l.account, l.asset ORDER BY l.id)
   )
-  SELECT array_agg(u.entry), array_agg(u.id), array_agg((codes.accounts ->> u.account)::bigint),
-         array_agg((codes.assets ->> u.asset)::bigint), array_agg(u.amount),
+  SELECT legs.*, pairs.*,
          (SELECT array_agg(f.id ORDER BY f.entry)
-            FROM (SELECT u.entry, min(u.id) AS id FROM u GROUP BY u.entry) f)
-    INTO l_entry, l_id, l_account, l_asset, l_amount, e_first
-    FROM u CROSS JOIN codes;
+            FROM (SELECT r.entry, min(r.id) AS id FROM r GROUP BY r.entry) f)
+    INTO l_entry, l_id, l_account, l_asset, l_amount, l_pair, l_run, l_nth,
+         k_account, k_asset, k_total, k_count, v_missing, e_first
+    FROM (SELECT array_agg(r.entry), array_agg(r.id), array_agg(r.account), array_agg(r.asset),
+                 array_agg(r.amount), array_agg(r.pair), array_agg(r.run), array_agg(r.nth)
+            FROM r) legs,
+         (SELECT array_agg(g.account), array_agg(g.asset), array_agg(g.total),
+                 array_agg(g.postings),
+                 count(*) FILTER (WHERE NOT EXISTS (
+                   SELECT 1 FROM ledger_balance b
+                    WHERE b.account_id = g.account AND b.asset_id = g.asset))
+            FROM (SELECT min(r.account) AS account, min(r.asset) AS asset,
+                         sum(r.amount) AS total, count(*) AS postings
+                    FROM r GROUP BY r.pair ORDER BY r.pair) g) pairs;
   IF array_position(l_account, NULL) IS NOT NULL OR array_position(l_asset, NULL) IS NOT NULL
   THEN
     -- DETAIL carries, as a JSON object, what the caller acts on (ledger/exceptions.py).
@@ -288,12 +314,16 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'TL006',
       MESSAGE = format('effective time %s is in the future', v_effective);
   END IF;
-  e_effective := CASE WHEN array_position(p_effective_at, NULL) IS NULL THEN p_effective_at
-                      WHEN cardinality(array_remove(p_effective_at, NULL)) = 0
-                        THEN array_fill(v_now, ARRAY[v_entries])
-                      ELSE ARRAY(SELECT coalesce(e.at, v_now)
-                                   FROM unnest(p_effective_at) WITH ORDINALITY AS e(at, ord)
-                                  ORDER BY e.ord) END;
+  IF array_position(p_effective_at, NULL) IS NULL THEN
+    e_effective := p_effective_at;
+  ELSIF cardinality(array_remove(p_effective_at, NULL)) = 0 THEN  -- a batch dated now
+    e_effective := array_fill(v_now, ARRAY[v_entries]);
+    v_instants := ARRAY[v_now];
+  ELSE
+    e_effective := ARRAY(SELECT coalesce(e.at, v_now)
+                           FROM unnest(p_effective_at) WITH ORDINALITY AS e(at, ord)
+                          ORDER BY e.ord);
+  END IF;
   WITH ins AS (
     INSERT INTO ledger_transaction AS t
            (idempotency_key, content_hash, description, effective_at, recorded_at, metadata,
@@ -302,7 +332,7 @@ BEGIN
            u.reverses_id, e_first[u.ord]
       FROM unnest(p_keys, p_hashes, p_descriptions, p_metadata, p_reverses)
            WITH ORDINALITY AS u(key, hash, description, metadata, reverses_id, ord)
-     ORDER BY u.key
+     ORDER BY u.key COLLATE "C"
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING t.id, t.idempotency_key
   )
@@ -352,34 +382,35 @@ BEGIN
   END IF;
   -- After the INSERT, which holds the lock period_close waits for: every close
   -- committed before it is seen; one that is not has to wait for this commit.
-  PERFORM ledger_refuse_closed(ARRAY(SELECT DISTINCT e.at FROM unnest(e_effective, e_tx) AS e(at, tx)
-                                      WHERE e.tx IS NOT NULL));
+  PERFORM ledger_refuse_closed(coalesce(v_instants,
+    ARRAY(SELECT DISTINCT e.at FROM unnest(e_effective, e_tx) AS e(at, tx) WHERE e.tx IS NOT NULL)));
 
-  -- 3. The legs of the entries created here (a replayed entry has its postings already)
-  -- in their balance row's run: the row (by its place in (account, asset) order), the
-  -- running sum and count within the batch; and per row, the totals.
-  WITH r AS MATERIALIZED (
-    SELECT l.*, dense_rank() OVER (ORDER BY l.account, l.asset) AS pair,
-           sum(l.amount) OVER w AS run, row_number() OVER w AS nth
-      FROM unnest(l_entry, l_id, l_account, l_asset, l_amount)
-           AS l(entry, id, account, asset, amount)
-     WHERE e_tx[l.entry] IS NOT NULL
-    WINDOW w AS (PARTITION BY l.account, l.asset ORDER BY l.id)
-  )
-  SELECT legs.*, pairs.*
-    INTO l_entry, l_id, l_account, l_asset, l_amount, l_pair, l_run, l_nth,
-         k_account, k_asset, k_total, k_count, v_missing
-    FROM (SELECT array_agg(r.entry), array_agg(r.id), array_agg(r.account), array_agg(r.asset),
-                 array_agg(r.amount), array_agg(r.pair), array_agg(r.run), array_agg(r.nth)
-            FROM r) legs,
-         (SELECT array_agg(g.account), array_agg(g.asset), array_agg(g.total),
-                 array_agg(g.postings),
-                 count(*) FILTER (WHERE NOT EXISTS (
-                   SELECT 1 FROM ledger_balance b
-                    WHERE b.account_id = g.account AND b.asset_id = g.asset))
-            FROM (SELECT min(r.account) AS account, min(r.asset) AS asset,
-                         sum(r.amount) AS total, count(*) AS postings
-                    FROM r GROUP BY r.pair ORDER BY r.pair) g) pairs;
+  -- 3. Some entry was a replay (it has its postings already): the runs of step 1 again,
+  -- over the legs of the entries created here.
+  IF v_inserted < v_entries THEN
+    WITH r AS MATERIALIZED (
+      SELECT l.*, dense_rank() OVER (ORDER BY l.account, l.asset) AS pair,
+             sum(l.amount) OVER w AS run, row_number() OVER w AS nth
+        FROM unnest(l_entry, l_id, l_account, l_asset, l_amount)
+             AS l(entry, id, account, asset, amount)
+       WHERE e_tx[l.entry] IS NOT NULL
+      WINDOW w AS (PARTITION BY l.account, l.asset ORDER BY l.id)
+    )
+    SELECT legs.*, pairs.*
+      INTO l_entry, l_id, l_account, l_asset, l_amount, l_pair, l_run, l_nth,
+           k_account, k_asset, k_total, k_count, v_missing
+      FROM (SELECT array_agg(r.entry), array_agg(r.id), array_agg(r.account), array_agg(r.asset),
+                   array_agg(r.amount), array_agg(r.pair), array_agg(r.run), array_agg(r.nth)
+              FROM r) legs,
+           (SELECT array_agg(g.account), array_agg(g.asset), array_agg(g.total),
+                   array_agg(g.postings),
+                   count(*) FILTER (WHERE NOT EXISTS (
+                     SELECT 1 FROM ledger_balance b
+                      WHERE b.account_id = g.account AND b.asset_id = g.asset))
+              FROM (SELECT min(r.account) AS account, min(r.asset) AS asset,
+                           sum(r.amount) AS total, count(*) AS postings
+                      FROM r GROUP BY r.pair ORDER BY r.pair) g) pairs;
+  END IF;
 
   -- 4. Lock the balance rows in (account, asset) order, as every poster does, so that
   -- posters wait for one another but never deadlock (missing ones are opened in that
