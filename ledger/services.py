@@ -147,10 +147,20 @@ def _content_json(entry: Entry) -> str:
     writes them (validated legs hold ints, never bools), metadata through the encoder
     itself. tests/ledger/test_services.py holds it to the encoder, byte for byte.
     """
-    legs = ",".join(
-        f"[{_JSON_STRING(account)},{_JSON_STRING(asset)},{amount!r}]"
-        for account, asset, amount in sorted((g.account, g.asset, g.amount) for g in entry.legs)
-    )
+    if len(entry.legs) == 2:  # most entries: sorted() of two, written out
+        a, b = entry.legs
+        first, second = (a.account, a.asset, a.amount), (b.account, b.asset, b.amount)
+        if second < first:
+            first, second = second, first
+        legs = (
+            f"[{_JSON_STRING(first[0])},{_JSON_STRING(first[1])},{first[2]!r}],"
+            f"[{_JSON_STRING(second[0])},{_JSON_STRING(second[1])},{second[2]!r}]"
+        )
+    else:
+        legs = ",".join(
+            f"[{_JSON_STRING(account)},{_JSON_STRING(asset)},{amount!r}]"
+            for account, asset, amount in sorted((g.account, g.asset, g.amount) for g in entry.legs)
+        )
     effective_at = (
         _JSON_STRING(entry.effective_at.astimezone(UTC).isoformat())
         if entry.effective_at
