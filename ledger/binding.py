@@ -90,10 +90,11 @@ def exec_prepared(
                 prepared[1].add(statement)
             result = pgconn.exec_prepared(statement, params, formats)
             if result.status == pq.ExecStatus.TUPLES_OK:
-                return [
-                    tuple(result.get_value(row, column) for column in range(result.nfields))
-                    for row in range(result.ntuples)
-                ]
+                get = result.get_value
+                if result.nfields == 2:  # the posters' (id, created), a row per entry
+                    return [(get(row, 0), get(row, 1)) for row in range(result.ntuples)]
+                columns = range(result.nfields)
+                return [tuple([get(row, c) for c in columns]) for row in range(result.ntuples)]
             if attempt == 1 and _state(result) == b"26000":  # deallocated: prepare again
                 prepared[1].discard(statement)
                 continue

@@ -166,14 +166,16 @@ def _content_json(entry: Entry) -> str:
         if entry.effective_at
         else "null"
     )
-    # The shortcuts only where they are what the encoder writes: an empty dict, an int.
+    # The shortcuts only where they are what the encoder writes: an empty dict, None, an int.
     metadata = (
         "{}"
         if type(entry.metadata) is dict and not entry.metadata
         else _CONTENT_ENCODER.encode(entry.metadata)
     )
     reverses = (
-        repr(entry.reverses_id)
+        "null"
+        if entry.reverses_id is None
+        else repr(entry.reverses_id)
         if type(entry.reverses_id) is int
         else _CONTENT_ENCODER.encode(entry.reverses_id)
     )
