@@ -153,4 +153,8 @@ def array_literal(values: Sequence[str | int | datetime | None]) -> bytes:
             )
             + "}"
         ).encode()
+    if first is None:  # every element NULL (no effective times, no reversals)
+        return ("{" + ",".join(["NULL"] * len(values)) + "}").encode()
+    if None not in values:
+        return ("{" + ",".join(map(str, values)) + "}").encode()
     return ("{" + ",".join("NULL" if v is None else str(v) for v in values) + "}").encode()

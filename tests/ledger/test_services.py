@@ -781,6 +781,14 @@ def test_array_literal_is_read_back_as_the_same_array(values):
         assert cursor.fetchone()[0] == values
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.none() | st.integers(min_value=-(2**63), max_value=2**63 - 1), max_size=8))
+def test_array_literal_of_integers_is_read_back_as_the_same_array(values):
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT %s::bigint[]", [array_literal(values).decode()])
+        assert cursor.fetchone()[0] == values
+
+
 def test_array_literal_refuses_a_nul_rather_than_cut_it():
     with pytest.raises(ValueError, match="NUL"):
         array_literal(["a", "b\x00c"])
