@@ -82,7 +82,8 @@ def add_arguments(parser: CommandParser) -> None:
         "--backdated-s",
         type=float,
         default=BACKDATED_S_MAX,
-        help=f"read history: {BACKDATED_FRACTION:.0%} of entries dated back up to this many s",
+        help=f"read history: {BACKDATED_FRACTION * 100:.0f}%% of entries dated back up to "
+        "this many s",
     )
 
 

@@ -98,3 +98,14 @@ def test_import_direction_between_apps():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 kept, 0 broken" in result.stdout
+
+
+@pytest.mark.parametrize("suite", ["ledger", "ingest"])
+def test_bench_help_lists_every_option(suite, capsys):
+    """`bench <suite> --help` prints its options (a stray % in a help text broke it)."""
+    from django.core.management import call_command
+
+    with pytest.raises(SystemExit) as exit_:
+        call_command("bench", suite, "--help")
+    assert exit_.value.code == 0
+    assert "--json" in capsys.readouterr().out
