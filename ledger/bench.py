@@ -28,6 +28,7 @@ point-in-time balances equal the sum of postings effective by then.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import multiprocessing
 import os
 import platform
@@ -231,10 +232,16 @@ def _bench_single(count: int) -> dict[str, Any]:
 
 
 def _bench_batched(count: int) -> dict[str, Any]:
+    """Batches through `transactions_post`, each followed by the same batch on the COPY path.
+
+    The two alternate batch by batch, so that both meet the machine in the same mood
+    (its speed moves by a third from one minute to the next).
+    """
     from ledger.services import transactions_post
 
     rng = random.Random(2)
-    elapsed_s = 0.0
+    copy_path = _CopyPath()
+    elapsed_s = copy_s = 0.0
     for start in range(0, count, BATCH_ENTRIES):
         entries = [
             _transfer(
@@ -248,6 +255,7 @@ def _bench_batched(count: int) -> dict[str, Any]:
         started = time.perf_counter()
         transactions_post(entries=entries)
         elapsed_s += time.perf_counter() - started
+        copy_s += copy_path.post(entries)
     return {
         "post_tx_per_s_batched": round(count / elapsed_s),
         "post_tx_batched_count": count,
@@ -255,7 +263,118 @@ def _bench_batched(count: int) -> dict[str, Any]:
         f"per call (one database transaction each), 2 legs, "
         f"{count} transactions among {SINGLE_ACCOUNTS} accounts; time "
         f"inside transactions_post (validation, hashing, SQL, commit)",
+        "baseline_copy_tx_per_s": round(count / copy_s),
+        "baseline_copy_consistent": copy_path.consistent(count),
+        "baseline_copy_method": "the same batches, alternated with the above: psycopg "
+        "COPY of the transactions and postings into plain tables shaped like the "
+        "ledger's (LIKE ... INCLUDING ALL: its indexes and checks, no triggers) and one "
+        "UPDATE of the balance rows, one database transaction per batch; ids, running "
+        "balances and recorded times computed in Python, no locks, no validation, the "
+        "key's SHA-256 as the hash: what plain PostgreSQL's set-based path costs on "
+        "these tables at this moment, not a ledger",
     }
+
+
+class _CopyPath:
+    """The set-based COPY path of plain PostgreSQL on tables shaped like the ledger's."""
+
+    TRANSACTION_COLUMNS = (
+        "id, idempotency_key, content_hash, description, effective_at, recorded_at, "
+        "metadata, created_xact, reverses_id, first_posting_id"
+    )
+    POSTING_COLUMNS = (
+        "id, transaction_id, account_id, asset_id, amount, effective_at, recorded_at, balance_after"
+    )
+
+    def __init__(self) -> None:
+        from ledger.models import Account, Asset
+
+        with connection.cursor() as cursor:
+            for table in ("transaction", "posting", "balance"):
+                cursor.execute(
+                    f"CREATE TABLE bench_copy_{table} (LIKE ledger_{table} INCLUDING ALL)"
+                )
+            cursor.execute("SELECT pg_current_xact_id()::text::bigint")
+            (self.xact,) = cursor.fetchone()
+        self.accounts = dict(Account.objects.values_list("code", "id"))
+        self.assets = dict(Asset.objects.values_list("code", "id"))
+        self.balances: dict[tuple[int, int], list[Any]] = {}
+        self.next_id = 1
+
+    def post(self, entries: Sequence[Entry]) -> float:
+        """Write `entries` the plain way; return the seconds it took."""
+        started = time.perf_counter()
+        now = datetime.now(tz=UTC)
+        tick = timedelta(microseconds=1)
+        transactions: list[tuple[Any, ...]] = []
+        postings: list[tuple[Any, ...]] = []
+        opened: list[tuple[int, int]] = []
+        touched: dict[tuple[int, int], int] = {}
+        for entry in entries:
+            tx_id, self.next_id = self.next_id, self.next_id + 1
+            first_posting = self.next_id
+            key = entry.idempotency_key
+            digest = hashlib.sha256(key.encode()).hexdigest()
+            head = (tx_id, key, digest, entry.description, now, now, "{}", self.xact)
+            transactions.append((*head, None, first_posting))
+            for leg in entry.legs:
+                pair = (self.accounts[leg.account], self.assets[leg.asset])
+                if pair not in self.balances:
+                    self.balances[pair] = [0, now - tick]
+                    opened.append(pair)
+                touched[pair] = touched.get(pair, 0) + 1
+                balance = self.balances[pair]
+                balance[0] += leg.amount
+                balance[1] = max(balance[1] + tick, now)
+                postings.append(
+                    (self.next_id, tx_id, *pair, leg.amount, now, balance[1], balance[0])
+                )
+                self.next_id += 1
+        pairs = list(touched)
+        with transaction.atomic(), connection.cursor() as cursor:
+            raw = cursor.cursor  # psycopg's own cursor: its COPY support
+            with raw.copy(
+                f"COPY bench_copy_transaction ({self.TRANSACTION_COLUMNS}) FROM STDIN"
+            ) as copy:
+                for row in transactions:
+                    copy.write_row(row)
+            with raw.copy(f"COPY bench_copy_posting ({self.POSTING_COLUMNS}) FROM STDIN") as copy:
+                for row in postings:
+                    copy.write_row(row)
+            if opened:
+                cursor.execute(
+                    "INSERT INTO bench_copy_balance (account_id, asset_id, amount, "
+                    "posting_count, updated_at) SELECT a, s, 0, 0, '-infinity' "
+                    "FROM unnest(%s::bigint[], %s::bigint[]) AS u(a, s)",
+                    [[a for a, _ in opened], [s for _, s in opened]],
+                )
+            cursor.execute(
+                "UPDATE bench_copy_balance b SET amount = u.amount, updated_at = u.at, "
+                "posting_count = b.posting_count + u.n FROM unnest(%s::bigint[], "
+                "%s::bigint[], %s::numeric[], %s::timestamptz[], %s::int[]) "
+                "AS u(a, s, amount, at, n) WHERE b.account_id = u.a AND b.asset_id = u.s",
+                [
+                    [a for a, _ in pairs],
+                    [s for _, s in pairs],
+                    [self.balances[p][0] for p in pairs],
+                    [self.balances[p][1] for p in pairs],
+                    [touched[p] for p in pairs],
+                ],
+            )
+        return time.perf_counter() - started
+
+    def consistent(self, transactions: int) -> bool:
+        """Did the COPY path write what it was timed for: every row, balances = postings?"""
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT (SELECT count(*) FROM bench_copy_transaction), "
+                "(SELECT count(*) FROM bench_copy_posting), "
+                "NOT EXISTS (SELECT 1 FROM bench_copy_balance b WHERE b.amount <> "
+                "(SELECT coalesce(sum(p.amount), 0) FROM bench_copy_posting p "
+                "WHERE p.account_id = b.account_id AND p.asset_id = b.asset_id))"
+            )
+            written, posted, balanced = cursor.fetchone()
+        return bool(written == transactions and posted == 2 * transactions and balanced)
 
 
 def _pair(rng: random.Random, prefix: str, size: int) -> tuple[str, str]:

@@ -696,6 +696,65 @@ def test_a_batch_and_a_transfer_of_one_key_wait_on_the_key_not_in_a_circle():
     assert_books_hold()
 
 
+@pytest.mark.parametrize("first_commits", [True, False], ids=["commits", "rolls-back"])
+def test_a_batch_waits_for_a_concurrent_poster_of_its_key_and_follows_its_outcome(
+    first_commits,
+):
+    """The batch's plain INSERT waits for the other poster's key, as ON CONFLICT did.
+
+    R posts K and holds it uncommitted; S posts a batch of K (same content) and K2.
+    If R commits, K is R's (a replay for S, 0007 takes its unique-violation path); if R
+    rolls back, S creates K itself. Either way S fails on nothing and K posts once.
+    """
+    asset_create(code="USD", scale=2)
+    for code in ("acct:a", "acct:b", "acct:c"):
+        account_open(code=code, kind=AccountKind.ASSET)
+    k = Entry("K", legs(("acct:a", "USD", 5), ("acct:b", "USD", -5)))
+    outcome: dict[str, object] = {}
+    started = threading.Event()
+
+    def batch_poster() -> None:
+        try:
+            connection.ensure_connection()
+            outcome["pid"] = connection.connection.info.backend_pid
+            started.set()
+            outcome["posted"] = transactions_post(entries=[k, five_usd_entry("K2")])
+        except BaseException as error:
+            outcome["error"] = error
+        finally:
+            started.set()
+            connection.close()
+
+    second = threading.Thread(target=batch_poster)
+    held: list[int] = []
+    try:
+        with transaction.atomic():
+            held.append(transactions_post(entries=[k])[0].transaction_id)  # R holds K
+            second.start()
+            assert started.wait(TIMEOUT)
+            wait_until_blocked(
+                outcome["pid"], connection.connection.info.backend_pid, lambda: len(outcome) > 1
+            )
+            if not first_commits:
+                transaction.set_rollback(True)
+    finally:
+        if second.ident is not None:
+            second.join(TIMEOUT)
+    assert not second.is_alive()
+    assert outcome.get("error") is None, outcome["error"]
+    posted_k, posted_k2 = outcome["posted"]
+    assert (posted_k.created, posted_k2.created) == (not first_commits, True)
+    assert (posted_k.transaction_id == held[0]) is first_commits
+    assert Transaction.objects.filter(idempotency_key="K").count() == 1
+    balances = stored_balances()
+    assert {code: balances[(code, "USD")] for code in ("acct:a", "acct:b", "acct:c")} == {
+        "acct:a": 5,
+        "acct:b": -5 + 5,
+        "acct:c": -5,
+    }
+    assert_books_hold()
+
+
 def five_usd_entry(key: str) -> Entry:
     return Entry(key, legs(("acct:b", "USD", 5), ("acct:c", "USD", -5)))
 
