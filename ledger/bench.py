@@ -8,6 +8,9 @@ What runs, in a scratch database created, migrated and dropped around the run
   transaction, one process; wall time over `--single-tx` transactions.
 - post_tx_per_s_batched: `transactions_post` with BATCH_ENTRIES two-leg entries per call
   (one database transaction per call), one process, over `--batched-tx` transactions.
+  Each batch is followed by the same batch on plain PostgreSQL's set-based COPY path
+  into tables shaped like the ledger's (baseline_copy_tx_per_s): the same minute's
+  ceiling, since this machine's speed moves by a third from one minute to the next.
 - hot_account_tx_per_s: `--processes` spawned processes, each posting random two-leg
   transfers among the same HOT_ACCOUNTS accounts with `transaction_post`, for
   `--duration-s` seconds from a common start; committed transactions over the longest
