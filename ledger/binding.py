@@ -14,6 +14,7 @@ call, as much as the server spends on a transfer's SQL outside its commit.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -71,9 +72,7 @@ def exec_prepared(
     not cut off); the statement is prepared once per connection (again if something
     deallocated it). Django's query log does not see these calls.
     """
-    # The name carries a digest of the text: on a pooled connection another thread may
-    # have prepared it already, and then it is the same statement (42P05 is no error).
-    statement = f"{name}_{hashlib.sha256(query.encode()).hexdigest()[:12]}".encode()
+    statement = _statement_name(name, query)
     with db.wrap_database_errors:
         db.ensure_connection()
         pgconn = db.connection.pgconn
@@ -100,6 +99,16 @@ def exec_prepared(
                 continue
             raise _error(pgconn, result)
     raise AssertionError("unreachable")
+
+
+@functools.lru_cache(maxsize=64)
+def _statement_name(name: str, query: str) -> bytes:
+    """The prepared statement's name: `name` and a digest of the text (cached, a few).
+
+    On a pooled connection another thread may have prepared it already, and then it is
+    the same statement (42P05 is no error).
+    """
+    return f"{name}_{hashlib.sha256(query.encode()).hexdigest()[:12]}".encode()
 
 
 def _state(result: pq.abc.PGresult) -> bytes | None:
