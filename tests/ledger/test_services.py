@@ -513,6 +513,23 @@ def test_reversal_replayed_with_its_key_returns_it_and_a_second_reversal_is_refu
     assert_books_hold()
 
 
+def test_a_second_reversal_in_a_batch_is_refused_and_the_batch_writes_nothing(world):
+    """The batch path: its plain INSERT meets the reversal's unique link, and so does the
+    ON CONFLICT INSERT it falls back to (0007); the whole batch is refused."""
+    original = transfer("sale", "platform:cash", "platform:fees", 500)
+    transaction_reverse(transaction_id=original.transaction_id, idempotency_key="rev-1")
+    before = books_state()
+    again = Entry(
+        idempotency_key="rev-2",
+        legs=legs(("platform:cash", "USD", -500), ("platform:fees", "USD", 500)),
+        reverses_id=original.transaction_id,
+    )
+    with pytest.raises(AlreadyReversed):
+        transactions_post(entries=[Entry("other", legs(*SALE)), again])
+    assert books_state() == before
+    assert not Transaction.objects.filter(idempotency_key__in=["other", "rev-2"]).exists()
+
+
 def test_reversal_of_a_reversal_restores_the_original_balances(world):
     original = transaction_post(
         idempotency_key="orig",
