@@ -17,7 +17,8 @@ sum and count within the batch) and totals each row; the posting statement reads
 locked rows' amounts and times by that place. Only after a replay are the runs
 computed again, without the replayed entries' legs. The transactions go in with a
 plain INSERT, and only when it meets a key posted before (a unique violation) with ON
-CONFLICT. The repeated-key check runs only when fewer rows were inserted than entries
+CONFLICT: a batch that replays some keys pays for the rows it abandons, up to its first
+replayed key in key order (a whole replay, nothing). The repeated-key check runs only when fewer rows were inserted than entries
 were given; the input checks group once; a batch dated now checks one instant against
 the closed periods.
 
