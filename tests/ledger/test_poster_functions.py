@@ -581,6 +581,30 @@ def wait_until_blocked(pid: int, by: int, done: Callable[[], bool]) -> None:
     pytest.fail(f"backend {pid} did not wait for {by} within {TIMEOUT} s")
 
 
+class Poster(threading.Thread):
+    """Runs `post` on a connection of its own: `outcome` gets its backend pid, then what
+    it returned ("posted") or what it raised ("error"); `connected` is set once the pid
+    is known (or the post failed before)."""
+
+    def __init__(self, post: Callable[[], object]) -> None:
+        super().__init__()
+        self.post = post
+        self.outcome: dict[str, object] = {}
+        self.connected = threading.Event()
+
+    def run(self) -> None:
+        try:
+            connection.ensure_connection()
+            self.outcome["pid"] = connection.connection.info.backend_pid
+            self.connected.set()
+            self.outcome["posted"] = self.post()
+        except BaseException as error:
+            self.outcome["error"] = error
+        finally:
+            self.connected.set()
+            connection.close()
+
+
 @pytest.mark.parametrize("path", ALL_PATHS)
 def test_opening_a_balance_row_while_holding_another_does_not_deadlock(path):
     """R opens A's row and holds it; S waits for A, holding nothing; R then posts to B.
@@ -592,28 +616,13 @@ def test_opening_a_balance_row_while_holding_another_does_not_deadlock(path):
     a, b, c, d = (account_open(code=f"acct:{n}", kind=AccountKind.ASSET) for n in "abcd")
     assert a.pk < b.pk < c.pk < d.pk
     post_pair(path, "b-d-1", "acct:b", "acct:d", 100)  # B has a balance row; A has none
-    outcome: dict[str, object] = {}
-    connected = threading.Event()
-
-    def second_poster() -> None:
-        try:
-            connection.ensure_connection()
-            outcome["pid"] = connection.connection.info.backend_pid
-            connected.set()
-            post_pair(path, "a-b", "acct:a", "acct:b", 5)
-            outcome["posted"] = True
-        except BaseException as error:
-            outcome["error"] = error
-        finally:
-            connected.set()
-            connection.close()
-
-    second = threading.Thread(target=second_poster)
+    second = Poster(lambda: post_pair(path, "a-b", "acct:a", "acct:b", 5))
+    outcome = second.outcome
     try:
         with transaction.atomic():
             post_pair(path, "a-c", "acct:a", "acct:c", 10)  # opens A's row, uncommitted
             second.start()
-            assert connected.wait(TIMEOUT)
+            assert second.connected.wait(TIMEOUT)
             assert "error" not in outcome, outcome
             wait_until_blocked(
                 outcome["pid"], connection.connection.info.backend_pid, lambda: len(outcome) > 1
@@ -624,7 +633,7 @@ def test_opening_a_balance_row_while_holding_another_does_not_deadlock(path):
             second.join(TIMEOUT)
     assert not second.is_alive()
     assert outcome.get("error") is None, outcome["error"]
-    assert outcome.get("posted") is True
+    assert "posted" in outcome
     balances = stored_balances()
     assert {code: balances[(code, "USD")] for code in ("acct:a", "acct:b", "acct:c", "acct:d")} == {
         "acct:a": 10 + 5,
@@ -648,42 +657,23 @@ def test_a_batch_and_a_transfer_of_one_key_wait_on_the_key_not_in_a_circle():
         account_open(code=code, kind=AccountKind.ASSET)
     post_pair("transfer", "open", "acct:a", "acct:b", 1)
     k = Entry("K", legs(("acct:a", "USD", 5), ("acct:b", "USD", -5)))
-    outcomes: dict[str, dict[str, object]] = {"S1": {}, "S2": {}}
-    started = {name: threading.Event() for name in outcomes}
-
-    def poster(name: str, entries: list[Entry]) -> None:
-        outcome = outcomes[name]
-        try:
-            connection.ensure_connection()
-            outcome["pid"] = connection.connection.info.backend_pid
-            started[name].set()
-            outcome["posted"] = transactions_post(entries=entries)
-        except BaseException as error:
-            outcome["error"] = error
-        finally:
-            started[name].set()
-            connection.close()
-
-    threads = {
-        "S1": threading.Thread(target=poster, args=("S1", [k, five_usd_entry("K2")])),
-        "S2": threading.Thread(target=poster, args=("S2", [k])),
-    }
+    s1 = Poster(lambda: transactions_post(entries=[k, five_usd_entry("K2")]))
+    s2 = Poster(lambda: transactions_post(entries=[k]))
     try:
         with transaction.atomic():
             post_pair("transfer", "hold-a", "acct:a", "acct:c", 1)  # R holds A's row
             r_pid = connection.connection.info.backend_pid
-            threads["S1"].start()
-            assert started["S1"].wait(TIMEOUT)
-            wait_until_blocked(outcomes["S1"]["pid"], r_pid, lambda: len(outcomes["S1"]) > 1)
-            threads["S2"].start()
-            assert started["S2"].wait(TIMEOUT)
-            wait_until_blocked(
-                outcomes["S2"]["pid"], outcomes["S1"]["pid"], lambda: len(outcomes["S2"]) > 1
-            )
+            s1.start()
+            assert s1.connected.wait(TIMEOUT)
+            wait_until_blocked(s1.outcome["pid"], r_pid, lambda: len(s1.outcome) > 1)
+            s2.start()
+            assert s2.connected.wait(TIMEOUT)
+            wait_until_blocked(s2.outcome["pid"], s1.outcome["pid"], lambda: len(s2.outcome) > 1)
     finally:
-        for thread in threads.values():
-            if thread.ident is not None:
-                thread.join(TIMEOUT)
+        for poster in (s1, s2):
+            if poster.ident is not None:
+                poster.join(TIMEOUT)
+    outcomes = {"S1": s1.outcome, "S2": s2.outcome}
     assert {name: o.get("error") for name, o in outcomes.items()} == {"S1": None, "S2": None}
     first, _ = outcomes["S1"]["posted"]
     (again,) = outcomes["S2"]["posted"]
@@ -710,28 +700,14 @@ def test_a_batch_waits_for_a_concurrent_poster_of_its_key_and_follows_its_outcom
     for code in ("acct:a", "acct:b", "acct:c"):
         account_open(code=code, kind=AccountKind.ASSET)
     k = Entry("K", legs(("acct:a", "USD", 5), ("acct:b", "USD", -5)))
-    outcome: dict[str, object] = {}
-    started = threading.Event()
-
-    def batch_poster() -> None:
-        try:
-            connection.ensure_connection()
-            outcome["pid"] = connection.connection.info.backend_pid
-            started.set()
-            outcome["posted"] = transactions_post(entries=[k, five_usd_entry("K2")])
-        except BaseException as error:
-            outcome["error"] = error
-        finally:
-            started.set()
-            connection.close()
-
-    second = threading.Thread(target=batch_poster)
+    second = Poster(lambda: transactions_post(entries=[k, five_usd_entry("K2")]))
+    outcome = second.outcome
     held: list[int] = []
     try:
         with transaction.atomic():
             held.append(transactions_post(entries=[k])[0].transaction_id)  # R holds K
             second.start()
-            assert started.wait(TIMEOUT)
+            assert second.connected.wait(TIMEOUT)
             wait_until_blocked(
                 outcome["pid"], connection.connection.info.backend_pid, lambda: len(outcome) > 1
             )
