@@ -11,10 +11,11 @@ when it is (or when a concurrent poster moved the row after the batch began, by 
 time that took). Recorded times still increase strictly per (account, asset) under the
 row locks, which is all the point-in-time read and the rule trigger ask of them.
 
-The set path also stops joining. One statement places each leg of the entries created
-in its balance row's run (the row's place in (account, asset) order, the running sum
-and count within the batch) and totals each row; the posting statement reads the
-locked rows' amounts and times by that place. The transactions go in with a
+The set path also stops joining. The statement that resolves the codes places each
+leg in its balance row's run (the row's place in (account, asset) order, the running
+sum and count within the batch) and totals each row; the posting statement reads the
+locked rows' amounts and times by that place. Only after a replay are the runs
+computed again, without the replayed entries' legs. The transactions go in with a
 plain INSERT, and only when it meets a key posted before (a unique violation) with ON
 CONFLICT: a batch that replays some keys pays for the rows it abandons, up to its first
 replayed key in key order (a whole replay, nothing). The repeated-key check runs only when fewer rows were inserted than entries
@@ -25,10 +26,7 @@ Measured: the same kind of 1,000-entry batch through 0006's function and this on
 (before the plain INSERT), alternated 40 times on one database, took 58.7 and 48.3 ms
 (medians; backend CPU 63.5 and 53.0 ms), commit excluded; the commit itself 5.1 and
 4.4 ms (less WAL: the back-dated index is no longer written). The plain INSERT took
-another 2.4 ms off (46.0 to 43.6 ms, 30 alternations). Those runs computed the runs in
-the statement that resolves the codes, with a copy of it for replays; one statement for
-both measured 1 % more backend CPU (57.0 against 56.5 ms, 40 alternations), and is
-what this keeps.
+another 2.4 ms off (46.0 to 43.6 ms, 30 alternations).
 """
 
 import importlib
@@ -256,8 +254,11 @@ BEGIN
   -- A batch: set-based, a few statements whatever its size, each one pass over the
   -- legs; the legs travel between them as arrays, read by position, not joined.
   -- 1. Resolve the codes (each looked up once, into a map the legs read: 2,000 index
-  -- probes cost more than the map), draw the posting ids in leg order, and name each
-  -- entry's first posting (the transaction names it).
+  -- probes cost more than the map), draw the posting ids in leg order, name each
+  -- entry's first posting (the transaction names it), and place each leg in its balance
+  -- row's run: the row (by its place in (account, asset) order), the running sum and
+  -- count within the batch; per row, the totals. Computed as if every entry were new;
+  -- step 3 computes them again when one is not.
   WITH u AS MATERIALIZED (
     SELECT u.*, nextval('ledger_posting_id_seq'::regclass) AS id
       FROM unnest(p_leg_entry, p_leg_account, p_leg_asset, p_leg_amount)
@@ -267,13 +268,32 @@ BEGIN
              WHERE a.code = ANY (ARRAY(SELECT DISTINCT u.account FROM u))) AS accounts,
            (SELECT jsonb_object_agg(s.code, s.id) FROM ledger_asset s
              WHERE s.code = ANY (ARRAY(SELECT DISTINCT u.asset FROM u))) AS assets
+  ), l AS (
+    SELECT u.entry, u.id, (codes.accounts ->> u.account)::bigint AS account,
+           (codes.assets ->> u.asset)::bigint AS asset, u.amount
+      FROM u CROSS JOIN codes
+  ), r AS MATERIALIZED (
+    SELECT l.*, dense_rank() OVER (ORDER BY l.account, l.asset) AS pair,
+           sum(l.amount) OVER w AS run, row_number() OVER w AS nth
+      FROM l
+    WINDOW w AS (PARTITION BY l.account, l.asset ORDER BY l.id)
   )
-  SELECT array_agg(u.entry), array_agg(u.id), array_agg((codes.accounts ->> u.account)::bigint),
-         array_agg((codes.assets ->> u.asset)::bigint), array_agg(u.amount),
+  SELECT legs.*, pairs.*,
          (SELECT array_agg(f.id ORDER BY f.entry)
-            FROM (SELECT u.entry, min(u.id) AS id FROM u GROUP BY u.entry) f)
-    INTO l_entry, l_id, l_account, l_asset, l_amount, e_first
-    FROM u CROSS JOIN codes;
+            FROM (SELECT r.entry, min(r.id) AS id FROM r GROUP BY r.entry) f)
+    INTO l_entry, l_id, l_account, l_asset, l_amount, l_pair, l_run, l_nth,
+         k_account, k_asset, k_total, k_count, v_missing, e_first
+    FROM (SELECT array_agg(r.entry), array_agg(r.id), array_agg(r.account), array_agg(r.asset),
+                 array_agg(r.amount), array_agg(r.pair), array_agg(r.run), array_agg(r.nth)
+            FROM r) legs,
+         (SELECT array_agg(g.account), array_agg(g.asset), array_agg(g.total),
+                 array_agg(g.postings),
+                 count(*) FILTER (WHERE NOT EXISTS (
+                   SELECT 1 FROM ledger_balance b
+                    WHERE b.account_id = g.account AND b.asset_id = g.asset))
+            FROM (SELECT min(r.account) AS account, min(r.asset) AS asset,
+                         sum(r.amount) AS total, count(*) AS postings
+                    FROM r GROUP BY r.pair ORDER BY r.pair) g) pairs;
   IF array_position(l_account, NULL) IS NOT NULL OR array_position(l_asset, NULL) IS NOT NULL
   THEN
     -- DETAIL carries, as a JSON object, what the caller acts on (ledger/exceptions.py).
@@ -397,31 +417,32 @@ BEGIN
   PERFORM ledger_refuse_closed(coalesce(v_instants,
     ARRAY(SELECT DISTINCT e.at FROM unnest(e_effective, e_tx) AS e(at, tx) WHERE e.tx IS NOT NULL)));
 
-  -- 3. The legs of the entries created here (a replayed entry has its postings already)
-  -- in their balance row's run: the row (by its place in (account, asset) order), the
-  -- running sum and count within the batch; and per row, the totals.
-  WITH r AS MATERIALIZED (
-    SELECT l.*, dense_rank() OVER (ORDER BY l.account, l.asset) AS pair,
-           sum(l.amount) OVER w AS run, row_number() OVER w AS nth
-      FROM unnest(l_entry, l_id, l_account, l_asset, l_amount)
-           AS l(entry, id, account, asset, amount)
-     WHERE e_tx[l.entry] IS NOT NULL
-    WINDOW w AS (PARTITION BY l.account, l.asset ORDER BY l.id)
-  )
-  SELECT legs.*, pairs.*
-    INTO l_entry, l_id, l_account, l_asset, l_amount, l_pair, l_run, l_nth,
-         k_account, k_asset, k_total, k_count, v_missing
-    FROM (SELECT array_agg(r.entry), array_agg(r.id), array_agg(r.account), array_agg(r.asset),
-                 array_agg(r.amount), array_agg(r.pair), array_agg(r.run), array_agg(r.nth)
-            FROM r) legs,
-         (SELECT array_agg(g.account), array_agg(g.asset), array_agg(g.total),
-                 array_agg(g.postings),
-                 count(*) FILTER (WHERE NOT EXISTS (
-                   SELECT 1 FROM ledger_balance b
-                    WHERE b.account_id = g.account AND b.asset_id = g.asset))
-            FROM (SELECT min(r.account) AS account, min(r.asset) AS asset,
-                         sum(r.amount) AS total, count(*) AS postings
-                    FROM r GROUP BY r.pair ORDER BY r.pair) g) pairs;
+  -- 3. Some entry was a replay (it has its postings already): the runs of step 1 again,
+  -- over the legs of the entries created here.
+  IF v_inserted < v_entries THEN
+    WITH r AS MATERIALIZED (
+      SELECT l.*, dense_rank() OVER (ORDER BY l.account, l.asset) AS pair,
+             sum(l.amount) OVER w AS run, row_number() OVER w AS nth
+        FROM unnest(l_entry, l_id, l_account, l_asset, l_amount)
+             AS l(entry, id, account, asset, amount)
+       WHERE e_tx[l.entry] IS NOT NULL
+      WINDOW w AS (PARTITION BY l.account, l.asset ORDER BY l.id)
+    )
+    SELECT legs.*, pairs.*
+      INTO l_entry, l_id, l_account, l_asset, l_amount, l_pair, l_run, l_nth,
+           k_account, k_asset, k_total, k_count, v_missing
+      FROM (SELECT array_agg(r.entry), array_agg(r.id), array_agg(r.account), array_agg(r.asset),
+                   array_agg(r.amount), array_agg(r.pair), array_agg(r.run), array_agg(r.nth)
+              FROM r) legs,
+           (SELECT array_agg(g.account), array_agg(g.asset), array_agg(g.total),
+                   array_agg(g.postings),
+                   count(*) FILTER (WHERE NOT EXISTS (
+                     SELECT 1 FROM ledger_balance b
+                      WHERE b.account_id = g.account AND b.asset_id = g.asset))
+              FROM (SELECT min(r.account) AS account, min(r.asset) AS asset,
+                           sum(r.amount) AS total, count(*) AS postings
+                      FROM r GROUP BY r.pair ORDER BY r.pair) g) pairs;
+  END IF;
 
   -- 4. Lock the balance rows in (account, asset) order, as every poster does, so that
   -- posters wait for one another but never deadlock (missing ones are opened in that
