@@ -15,7 +15,9 @@ The set path also stops joining. The statement that resolves the codes places ea
 leg in its balance row's run (the row's place in (account, asset) order, the running
 sum and count within the batch) and totals each row; the posting statement reads the
 locked rows' amounts and times by that place. Only after a replay are the runs
-computed again, without the replayed entries' legs. The transactions go in with a
+computed again, without the replayed entries' legs: a copy of that part of the
+statement, kept because one statement for both cases (after the INSERT) measured 4 %
+more backend CPU per batch (66.8 against 64.2 ms, 50 alternations). The transactions go in with a
 plain INSERT, and only when it meets a key posted before (a unique violation) with ON
 CONFLICT: a batch that replays some keys pays for the rows it abandons, up to its first
 replayed key in key order (a whole replay, nothing). The repeated-key check runs only when fewer rows were inserted than entries
