@@ -5,8 +5,8 @@ correct (`transaction_reverse`). The database enforces the same rules again: the
 posting functions check their input themselves, the triggers police every other writer
 (migrations 0002 to 0006); the checks here run first so callers get a precise error.
 
-Hot path: posting is one call of the SQL function `ledger_post()` (migrations 0006,
-0007) with the batch as arrays, or `ledger_post_transfer()` for one two-leg entry; outside an
+Hot path: posting is one call of the SQL function `ledger_post()` (migrations 0006 to
+0008) with the batch as arrays, or `ledger_post_transfer()` for one two-leg entry; outside an
 atomic block sent straight through libpq (ledger.binding.exec_prepared). Through the
 ORM, `bulk_create` builds a model instance per leg, cannot say ON CONFLICT DO NOTHING
 RETURNING (which idempotency needs) and costs a round trip per table; measured with
@@ -319,7 +319,7 @@ def _poster_queries(function: str, types: Sequence[str]) -> tuple[str, str]:
     )
 
 
-# One call per batch: ledger_post() (migration 0006) inserts the transactions (keys in
+# One call per batch: ledger_post() (migration 0008) inserts the transactions (keys in
 # order), locks the balance rows in (account, asset) order, then inserts the postings
 # with their running balances and moves the rows, and returns the ids: a few statements
 # whatever the batch size. Amounts travel as text, so that no value is squeezed into a

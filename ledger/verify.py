@@ -49,6 +49,20 @@ CHECKS: tuple[tuple[str, str], ...] = (
         """,
     ),
     (
+        # The posting functions write first_posting_id themselves, unchecked by the
+        # constraint trigger that polices other writers: checked here instead.
+        "transaction does not name its first posting",
+        """
+        SELECT format('transaction %%s (%%s) names posting %%s; its first posting is %%s',
+                      t.id, t.idempotency_key, t.first_posting_id, p.first)
+          FROM ledger_transaction t
+          JOIN (SELECT transaction_id, min(id) AS first FROM ledger_posting
+                 GROUP BY transaction_id) p ON p.transaction_id = t.id
+         WHERE t.first_posting_id <> p.first
+         LIMIT %(limit)s
+        """,
+    ),
+    (
         "asset does not sum to zero over all accounts",
         """
         SELECT format('asset %%s sums to %%s over all balances', s.code, sum(b.amount))

@@ -142,6 +142,23 @@ def test_a_deleted_posting_leaves_a_one_legged_transaction(books):
     assert len(found) == 3
 
 
+def test_a_transaction_naming_another_than_its_first_posting_is_found(books):
+    sale = books["sale"].transaction_id
+    first, second = sql(
+        "SELECT id FROM ledger_posting WHERE transaction_id = %s ORDER BY id", [sale]
+    )
+    behind_the_triggers(
+        (
+            "UPDATE ledger_transaction SET first_posting_id = %s WHERE id = %s",
+            [second[0], sale],
+        )
+    )
+    assert ledger_verify() == [
+        f"transaction does not name its first posting: transaction {sale} (sale) names "
+        f"posting {second[0]}; its first posting is {first[0]}"
+    ]
+
+
 def test_a_posting_moved_in_time_is_found(books):
     sale = books["sale"].transaction_id
     behind_the_triggers(
