@@ -281,7 +281,8 @@ def _database_rules() -> Iterator[None]:
     try:
         yield
     except IntegrityError as error:
-        if "reverses_id" in str(error):  # the unique link: one reversal per transaction
+        diag = getattr(error.__cause__, "diag", None)
+        if getattr(diag, "constraint_name", None) == "ledger_transaction_reversed_once":
             raise AlreadyReversed(
                 "a transaction in this batch reverses one already reversed",
                 extra={"sqlstate": "23505"},

@@ -300,7 +300,19 @@ def test_raw_sql_reversal_that_negates_its_original_commits(world):
     seed = Transaction.objects.get(idempotency_key="seed-1")
     cash, credit, usd = world["cash"].id, world["credit"].id, world["usd"].id
     tx = post_raw_reversal("raw-reversal", seed.pk, [(cash, usd, -10_000), (credit, usd, 10_000)])
-    assert Transaction.objects.get(pk=seed.pk).reversed_by.pk == tx
+    assert Transaction.objects.get(pk=seed.pk).reversed_by.get().pk == tx
+    assert stored_balances()[("platform:cash", "USD")] == 0
+    assert_books_hold()
+
+
+def test_raw_sql_second_reversal_of_a_transaction_is_refused(world):
+    """One reversal per transaction: the partial unique index over reverses_id (0009)."""
+    seed = Transaction.objects.get(idempotency_key="seed-1")
+    cash, credit, usd = world["cash"].id, world["credit"].id, world["usd"].id
+    post_raw_reversal("raw-reversal", seed.pk, [(cash, usd, -10_000), (credit, usd, 10_000)])
+    with refused("23505", r"ledger_transaction_reversed_once"):
+        post_raw_reversal("raw-reversal-2", seed.pk, [(cash, usd, -10_000), (credit, usd, 10_000)])
+    assert not Transaction.objects.filter(idempotency_key="raw-reversal-2").exists()
     assert stored_balances()[("platform:cash", "USD")] == 0
     assert_books_hold()
 

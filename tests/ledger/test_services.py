@@ -487,7 +487,7 @@ def test_reversal_restores_every_balance_and_is_linked_to_the_original(world):
     tx = Transaction.objects.get(pk=reversal.transaction_id)
     assert tx.reverses_id == original.transaction_id
     assert tx.description == f"Reversal of #{original.transaction_id}: usage"
-    assert Transaction.objects.get(pk=original.transaction_id).reversed_by == tx
+    assert Transaction.objects.get(pk=original.transaction_id).reversed_by.get() == tx
     assert postings_of(tx.pk) == sorted(
         (a, s, -n) for a, s, n in postings_of(original.transaction_id)
     )
