@@ -289,6 +289,9 @@ BEGIN
       RAISE EXCEPTION USING ERRCODE = 'TL011',
         DETAIL = json_build_object('accounts', bad.accounts[1:100]),
         MESSAGE = 'unknown accounts: ' || array_to_string(bad.accounts[1:10], ', ');
+    ELSIF bad.assets IS NULL THEN  -- opened by a concurrent writer since the lookup above
+      RAISE EXCEPTION USING ERRCODE = '40001',
+        MESSAGE = 'an account or asset of this batch was opened concurrently; post again';
     END IF;
     RAISE EXCEPTION USING ERRCODE = 'TL012',
       DETAIL = json_build_object('assets', bad.assets[1:100]),
