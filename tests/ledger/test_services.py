@@ -253,6 +253,36 @@ def test_batch_posts_every_entry_in_order_in_one_go(world):
     assert_books_hold()
 
 
+def test_a_batch_numbers_its_transactions_in_the_order_given_not_by_key(world):
+    """Ids are drawn in entry order (0008); keys are still taken in key order."""
+    keys = ["k-c", "k-a", "k-b"]
+    posted = transactions_post(entries=[Entry(key, legs(*SALE)) for key in keys])
+    ids = [p.transaction_id for p in posted]
+    assert ids == sorted(ids)
+    assert [Transaction.objects.get(pk=i).idempotency_key for i in ids] == keys
+    firsts = {
+        t.idempotency_key: (t.first_posting_id, min(t.postings.values_list("id", flat=True)))
+        for t in Transaction.objects.filter(pk__in=ids)
+    }
+    assert all(named == first for named, first in firsts.values()), firsts
+    assert_books_hold()
+
+
+def test_a_batch_naming_an_unknown_account_and_a_conflicting_key_reports_the_conflict(world):
+    """The transactions go in before the codes are resolved per balance row (0008)."""
+    transaction_post(idempotency_key="sold", legs=legs(*SALE))
+    before = books_state()
+    changed = Entry("sold", legs(("platform:cash", "USD", 501), ("platform:fees", "USD", -501)))
+    stranger = Entry("new", legs(("nobody:x", "USD", 5), ("platform:fees", "USD", -5)))
+    with pytest.raises(IdempotencyConflict):
+        transactions_post(entries=[stranger, changed])
+    # With the conflicting entry replayed as it was, the unknown account is named.
+    with pytest.raises(UnknownAccount, match=r"^unknown accounts: nobody:x$"):
+        transactions_post(entries=[stranger, Entry("sold", legs(*SALE))])
+    assert books_state() == before
+    assert not Transaction.objects.filter(idempotency_key="new").exists()
+
+
 def test_a_batch_dated_now_is_recorded_from_its_own_instant(world):
     """Its postings are not back-dated by the time the batch took to post (migration 0007).
 
