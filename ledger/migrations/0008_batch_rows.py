@@ -24,8 +24,12 @@ The per-row statement runs after the transactions' INSERT, over the legs of the 
 it created, so that a replay (a key posted before, which still falls back to ON
 CONFLICT) needs no second copy of it. Two things a caller can see change: transaction
 ids follow the entries' order in the call, not their keys' (keys are still taken in key
-order), and a batch that both names an unknown code and replays a key with other
-content, or dates an entry in the future, is refused for the latter first.
+order), and a batch that names an unknown code is refused for it only after its
+transactions' INSERT: what that INSERT raises (a key replayed with other content, a
+second reversal, metadata that is not JSON) or waits for (a concurrent poster of one of
+its keys, a period being closed), and a future date, come first. A replayed entry posts
+nothing, so its legs' codes are not looked up again (the hash it matched covers them).
+Refused either way, nothing written.
 
 Measured: the same 1,000-entry batches alternated between 0007's function and this one
 (before the select-list unnests), 80 times each on two databases of one server: 45.4
