@@ -9,7 +9,7 @@ posting statement unpacked again; the transactions' INSERT then returned its ids
 joined them back to the keys to learn which entry got which.
 
 Now:
-- the first statement works per balance row: it groups the legs by (account code, asset
+- one statement works per balance row: it groups the legs by (account code, asset
   code), resolves each pair's codes once, totals it and finds its row, in (account,
   asset) order: 100 rows for 2,000 legs;
 - the ids are drawn up front, in entry order and leg order (one sequence call each, as
@@ -22,14 +22,14 @@ Now:
   rows; in FROM it first copies them all into a tuplestore (about 2 ms a batch).
 The per-row statement runs after the transactions' INSERT, over the legs of the entries
 it created, so that a replay (a key posted before, which still falls back to ON
-CONFLICT) needs no second copy of it. Two things a caller can see change: transaction
-ids follow the entries' order in the call, not their keys' (keys are still taken in key
-order), and a batch that names an unknown code is refused for it only after its
+CONFLICT) needs no second copy of it. What a caller can see change: transaction ids
+follow the entries' order in the call, not their keys' (keys are still taken in key
+order); a batch that names an unknown code is refused for it only after its
 transactions' INSERT: what that INSERT raises (a key replayed with other content, a
 second reversal, metadata that is not JSON) or waits for (a concurrent poster of one of
-its keys, a period being closed), and a future date, come first. A replayed entry posts
-nothing, so its legs' codes are not looked up again (the hash it matched covers them).
-Refused either way, nothing written.
+its keys, a period being closed), and a future date, come first (refused either way,
+nothing written); a replayed entry posts nothing, so its legs' codes are not looked up
+again (the hash it matched covers them).
 
 Measured: the same 1,000-entry batches alternated between 0007's function and this one
 (before the select-list unnests), 80 times each on two databases of one server: 45.4
