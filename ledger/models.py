@@ -22,6 +22,8 @@ ASSET_SCALE_MAX = 24
 CODE_LENGTH_MAX = 200
 IDEMPOTENCY_KEY_LENGTH_MAX = 200
 DESCRIPTION_LENGTH_MAX = 1000
+# One reversal per transaction: the constraint a second reversal runs into.
+REVERSED_ONCE = "ledger_transaction_reversed_once"
 
 
 class TsTzRange(Func):
@@ -158,7 +160,7 @@ class Transaction(models.Model):
             models.UniqueConstraint(
                 fields=["reverses"],
                 condition=Q(reverses__isnull=False),
-                name="ledger_transaction_reversed_once",
+                name=REVERSED_ONCE,
                 violation_error_code="transaction_reversed_once",
             ),
             models.CheckConstraint(

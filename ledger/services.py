@@ -43,6 +43,7 @@ from ledger.models import (
     ASSET_SCALE_MAX,
     DESCRIPTION_LENGTH_MAX,
     IDEMPOTENCY_KEY_LENGTH_MAX,
+    REVERSED_ONCE,
     Account,
     AccountKind,
     Asset,
@@ -298,7 +299,7 @@ def _database_rules() -> Iterator[None]:
         yield
     except IntegrityError as error:
         diag = getattr(error.__cause__, "diag", None)
-        if getattr(diag, "constraint_name", None) == "ledger_transaction_reversed_once":
+        if getattr(diag, "constraint_name", None) == REVERSED_ONCE:
             raise AlreadyReversed(
                 "a transaction in this batch reverses one already reversed",
                 extra={"sqlstate": "23505"},
