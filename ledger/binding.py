@@ -123,6 +123,21 @@ def _error(pgconn: pq.abc.PGconn, result: pq.abc.PGresult) -> psycopg.Error:
     return errors.error_from_result(result, encoding="utf-8")
 
 
+def libpq_text(value: Any) -> bytes | None:
+    """A parameter as exec_prepared takes it: text bytes, an array literal, an instant.
+
+    An aware instant goes in UTC (an offset of seconds is no input PostgreSQL reads); a
+    naive one as psycopg's cursor would send it, read in the session's time zone.
+    """
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return array_literal(value)
+    if isinstance(value, datetime):
+        return (value if value.utcoffset() is None else value.astimezone(UTC)).isoformat().encode()
+    return str(value).encode()
+
+
 def array_literal(values: Sequence[str | int | datetime | None]) -> bytes:
     """Write a one-dimensional PostgreSQL array literal of these values, in text format.
 

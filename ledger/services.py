@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 
-from ledger.binding import array_literal, bound_cursor, database, exec_prepared
+from ledger.binding import bound_cursor, database, exec_prepared, libpq_text
 from ledger.exceptions import (
     AlreadyReversed,
     ConcurrentPosting,
@@ -378,23 +378,12 @@ def _post_through(
     db = database()
     if db.in_atomic_block or not db.get_autocommit():
         return [(int(tx_id), bool(created)) for tx_id, created in _call(queries[0], params)]
-    raw = [_libpq_text(value) for value in params]
+    raw = [libpq_text(value) for value in params]
     with _database_rules():
         return [
             (_int(tx_id), created == b"t")
             for tx_id, created in exec_prepared(db, name, queries[1], raw, binary)
         ]
-
-
-def _libpq_text(value: Any) -> bytes | None:
-    """A parameter as libpq takes it: text bytes, an array literal, instants in UTC."""
-    if value is None:
-        return None
-    if isinstance(value, list):
-        return array_literal(value)
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat().encode()
-    return str(value).encode()
 
 
 def _int(value: bytes | None) -> int:

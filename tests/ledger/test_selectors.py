@@ -13,9 +13,10 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.db import connection, transaction
 
 from ledger.models import Account, Asset, Posting
 from ledger.selectors import (
@@ -111,7 +112,36 @@ def test_balance_as_of_equals_the_sum_of_postings_effective_by_then_at_every_ins
     assert balance_get(account_id=w["cash"].id, asset_id=w["usd"].id) == posting_sums().get(
         ("platform:cash", "USD"), 0
     )
+    # Every read above ran outside a transaction: one statement, prepared once on this
+    # connection (through libpq) and run for each call.
+    assert prepared_as_of_runs() == len(instants) * len(pairs) + len(pairs)
+    # Inside a transaction the read is planned per call, on the cursor: the same answers,
+    # as after the prepared statement was dropped (a pooler's DISCARD), and for an instant
+    # given without its offset (read in the session's zone, UTC).
+    sample = [(at, account.id, asset.id) for at in instants[::25] for account, asset in pairs]
+    outside = [balance_as_of(account_id=a, asset_id=s, at=at) for at, a, s in sample]
+    with transaction.atomic():
+        inside = [balance_as_of(account_id=a, asset_id=s, at=at) for at, a, s in sample]
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    again = [balance_as_of(account_id=a, asset_id=s, at=at) for at, a, s in sample]
+    naive = [
+        balance_as_of(account_id=a, asset_id=s, at=at.astimezone(UTC).replace(tzinfo=None))
+        for at, a, s in sample
+    ]
+    assert inside == outside == again == naive
+    assert len(set(outside)) > 5
+    assert prepared_as_of_runs() == len(sample) * 2
     assert_books_hold()
+
+
+def prepared_as_of_runs() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT sum(generic_plans + custom_plans) FROM pg_prepared_statements "
+            "WHERE name LIKE 'ledger_balance_as_of%%'"
+        )
+        return int(cursor.fetchone()[0] or 0)
 
 
 @pytest.mark.django_db
