@@ -97,12 +97,12 @@ def balance_as_of(*, account_id: int, asset_id: int, at: datetime) -> int:
     """
     db = database()
     if not db.in_atomic_block and db.get_autocommit():
-        params = [str(account_id).encode(), str(asset_id).encode(), libpq_text(at)]
+        texts = [str(account_id).encode(), str(asset_id).encode(), libpq_text(at)]
         ((amount,),) = exec_prepared(
             db,
             "ledger_balance_as_of",
             _BALANCE_AS_OF_LIBPQ,
-            [*params, _BACKDATED_LAG_TEXT],
+            [*texts, _BACKDATED_LAG_TEXT],
             (False,) * 4,
         )
         assert amount is not None
