@@ -80,7 +80,7 @@ def exec_prepared(
         if prepared is None or prepared[0] is not pgconn:
             prepared = (pgconn, set())
             setattr(db, _PREPARED_ATTRIBUTE, prepared)
-        formats = [_BINARY if b else _TEXT for b in binary]
+        formats = _formats(tuple(binary))
         for attempt in (1, 2):
             if statement not in prepared[1]:
                 result = pgconn.prepare(statement, query.encode())
@@ -99,6 +99,11 @@ def exec_prepared(
                 continue
             raise _error(pgconn, result)
     raise AssertionError("unreachable")
+
+
+@functools.lru_cache(maxsize=64)
+def _formats(binary: tuple[bool, ...]) -> tuple[int, ...]:
+    return tuple(_BINARY if b else _TEXT for b in binary)
 
 
 @functools.lru_cache(maxsize=64)
@@ -129,6 +134,8 @@ def libpq_text(value: Any) -> bytes | None:
     An aware instant goes in UTC (an offset of seconds is no input PostgreSQL reads); a
     naive one as psycopg's cursor would send it, read in the session's time zone.
     """
+    if type(value) is str:  # most parameters
+        return value.encode()
     if value is None:
         return None
     if isinstance(value, list):
