@@ -47,21 +47,6 @@ def bound_cursor(db: BaseDatabaseWrapper | None = None) -> Iterator[psycopg.Curs
         yield cursor
 
 
-def libpq_in_place(db: BaseDatabaseWrapper) -> bool:
-    """Whether a call through `exec_prepared` runs where the connection's cursor would.
-
-    In autocommit outside an atomic block, a call is its own transaction either way.
-    Otherwise only once psycopg has opened the transaction: it sends BEGIN with the
-    first query, and `exec_prepared` would run before it, on its own.
-    """
-    if not db.in_atomic_block and db.get_autocommit():
-        return True
-    return (
-        db.connection is not None
-        and db.connection.pgconn.transaction_status == pq.TransactionStatus.INTRANS
-    )
-
-
 _PREPARED_ATTRIBUTE = "_ledger_prepared"
 _TEXT, _BINARY = 0, 1
 _SQLSTATE = pq.DiagnosticField.SQLSTATE
@@ -79,9 +64,9 @@ def exec_prepared(
     For the calls where the driver's own cost shows: a post committed on its own (a
     transfer, a batch). psycopg's cursor (query conversion, adapters, its prepared-statement cache,
     result loaders) cost about 45 us of CPU a call more than this, measured, and four
-    processes posting to hot accounts share two cores with the server. Only where
-    `libpq_in_place` says it runs where the cursor would (psycopg starts a transaction
-    itself when the connection is not in autocommit, and this bypasses it).
+    processes posting to hot accounts share two cores with the server. Only outside a
+    transaction (psycopg starts one itself when the connection is not in autocommit,
+    and this bypasses it): callers check `in_atomic_block` and autocommit first.
 
     Text parameters go in binary (exact length: a NUL byte is refused by the server,
     not cut off); the statement is prepared once per connection (again if something

@@ -26,7 +26,7 @@ from typing import Any
 
 from django.db import connection
 
-from ledger.binding import bound_cursor, database, exec_prepared, libpq_in_place, libpq_text
+from ledger.binding import bound_cursor, database, exec_prepared, libpq_text
 from ledger.models import DEBIT_NORMAL_KINDS, Posting
 
 BACKDATED_LAG = timedelta(milliseconds=10)  # the index predicate of migration 0003
@@ -77,9 +77,9 @@ SELECT coalesce((SELECT balance_after FROM ledger_posting
 
 # Django turns psycopg's statement preparation off (prepare_threshold=None, for poolers),
 # so `prepare=True` on its connection prepares nothing: planning this query (41 lag-class
-# probes) took 0.5 ms a call, as long as running it. So it goes through libpq as a
-# statement prepared once per connection (ledger.binding.exec_prepared), its parameters
-# typed so that one generic plan serves every call.
+# probes) took 0.5 ms a call, as long as running it. Outside a transaction it goes
+# through libpq as a statement prepared once per connection (ledger.binding.exec_prepared),
+# its parameters typed so that one generic plan serves every call.
 _BALANCE_AS_OF_LIBPQ = (
     _BALANCE_AS_OF.replace("%(account)s", "$1")
     .replace("%(asset)s", "$2")
@@ -92,12 +92,11 @@ _BACKDATED_LAG_TEXT = f"{BACKDATED_LAG // timedelta(microseconds=1)} microsecond
 def balance_as_of(*, account_id: int, asset_id: int, at: datetime) -> int:
     """Return the balance of postings effective at or before `at`; cost independent of history.
 
-    The prepared statement runs on its own in autocommit, or inside the transaction
-    already open; the first query of an atomic block goes through the cursor (planned
-    for that call), which opens it.
+    Inside a transaction (an atomic block, a view's request) it is planned per call, on
+    the connection's cursor, in that transaction.
     """
     db = database()
-    if libpq_in_place(db):
+    if not db.in_atomic_block and db.get_autocommit():
         texts = [str(account_id).encode(), str(asset_id).encode(), libpq_text(at)]
         ((amount,),) = exec_prepared(
             db,
