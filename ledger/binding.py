@@ -18,7 +18,7 @@ import functools
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import psycopg
@@ -128,11 +128,15 @@ def _error(pgconn: pq.abc.PGconn, result: pq.abc.PGresult) -> psycopg.Error:
     return errors.error_from_result(result, encoding="utf-8")
 
 
+_MINUTE = timedelta(minutes=1)
+
+
 def libpq_text(value: Any) -> bytes | None:
     """A parameter as exec_prepared takes it: text bytes, an array literal, an instant.
 
-    An aware instant goes in UTC (an offset of seconds is no input PostgreSQL reads); a
-    naive one as psycopg's cursor would send it, read in the session's time zone.
+    An aware instant goes with its own offset, so that none overflows at the ends of
+    datetime's range, unless that has seconds (PostgreSQL reads whole minutes): then in
+    UTC. A naive one as psycopg's cursor would send it, read in the session's zone.
     """
     if type(value) is str:  # most parameters
         return value.encode()
@@ -141,7 +145,9 @@ def libpq_text(value: Any) -> bytes | None:
     if isinstance(value, list):
         return array_literal(value)
     if isinstance(value, datetime):
-        return (value if value.utcoffset() is None else value.astimezone(UTC)).isoformat().encode()
+        offset = value.utcoffset()
+        instant = value.astimezone(UTC) if offset is not None and offset % _MINUTE else value
+        return instant.isoformat().encode()
     return str(value).encode()
 
 

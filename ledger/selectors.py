@@ -93,7 +93,9 @@ def balance_as_of(*, account_id: int, asset_id: int, at: datetime) -> int:
     """Return the balance of postings effective at or before `at`; cost independent of history.
 
     Inside a transaction (an atomic block, a view's request) it is planned per call, on
-    the connection's cursor, in that transaction.
+    the connection's cursor, in that transaction: there a prepared statement that a
+    pooler dropped (or another client prepared) would fail, and abort the caller's
+    transaction before it could be prepared again.
     """
     db = database()
     if not db.in_atomic_block and db.get_autocommit():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from django.db import connection, transaction
@@ -155,6 +155,24 @@ def test_balance_get_is_the_sum_of_postings_and_zero_when_nothing_was_posted():
     assert balance_get(account_id=w["fees"].id, asset_id=w["usd"].id) == 730
     assert balance_get(account_id=w["cash"].id, asset_id=w["tok"].id) == 0
     assert stored_balances() == posting_sums()
+
+
+@committing_db
+def test_balance_as_of_reads_the_ends_of_the_calendar_and_any_offset_outside_a_transaction():
+    """Outside a transaction the instant goes to libpq as text, with its own offset:
+    nothing overflows at the ends of datetime's range, and an offset with seconds
+    (sent in UTC) names the same instant."""
+    w = chart()
+    transfer("a", "platform:cash", "platform:fees", 5)
+    cash, usd = w["cash"].id, w["usd"].id
+    east, west = timezone(timedelta(hours=5)), timezone(timedelta(hours=-5))
+    assert balance_as_of(account_id=cash, asset_id=usd, at=datetime.min.replace(tzinfo=east)) == 0
+    assert balance_as_of(account_id=cash, asset_id=usd, at=datetime.max.replace(tzinfo=west)) == 5
+    (effective_at,) = Posting.objects.filter(account_id=cash).values_list("effective_at", flat=True)
+    odd = timezone(timedelta(seconds=1, microseconds=5))
+    assert balance_as_of(account_id=cash, asset_id=usd, at=(effective_at - US).astimezone(odd)) == 0
+    assert balance_as_of(account_id=cash, asset_id=usd, at=effective_at.astimezone(odd)) == 5
+    assert balance_as_of(account_id=cash, asset_id=usd, at=effective_at.astimezone(west)) == 5
 
 
 @pytest.mark.django_db
