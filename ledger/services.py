@@ -7,7 +7,8 @@ posting functions check their input themselves, the triggers police every other 
 
 Hot path: posting is one call of the SQL function `ledger_post()` (migrations 0006 to
 0008) with the batch as arrays, or `ledger_post_transfer()` for one two-leg entry; outside an
-atomic block sent straight through libpq (ledger.binding.exec_prepared). Through the
+atomic block sent straight through libpq (ledger.binding.exec_prepared), a transfer
+through the procedure `ledger_post_transfer_durably()` (migration 0010). Through the
 ORM, `bulk_create` builds a model instance per leg, cannot say ON CONFLICT DO NOTHING
 RETURNING (which idempotency needs) and costs a round trip per table; measured with
 `manage.py bench ledger`, one set-based call per batch is what posting throughput needs.
@@ -360,9 +361,15 @@ _POST_BINARY = (False,) * 10  # array literals are text
 # One entry moving one asset between two accounts, the usual call: scalar parameters
 # (migrations 0005, 0006). Measured from Python, 908-980/s against 563/s for the same
 # entry as ten one-element arrays through ledger_post().
-_LEDGER_POST_TRANSFER, _LEDGER_POST_TRANSFER_LIBPQ = _poster_queries(
-    "ledger_post_transfer",
-    ("text", "text", "text", "timestamptz", "text", "text", "text", "text", "numeric"),
+_TRANSFER_TYPES = ("text", "text", "text", "timestamptz", "text", "text", "text", "text", "numeric")
+_LEDGER_POST_TRANSFER, _ = _poster_queries("ledger_post_transfer", _TRANSFER_TYPES)
+# Committed on its own, a transfer goes through the procedure of migration 0010: it
+# commits the transfer without waiting for the WAL flush, so that its balance rows are
+# free at once, and returns only after a second commit has flushed the WAL through it.
+_LEDGER_POST_TRANSFER_DURABLY = (
+    "CALL ledger_post_transfer_durably("
+    + ", ".join(f"${n}::{t}" for n, t in enumerate(_TRANSFER_TYPES, 1))
+    + ", NULL, NULL)"
 )
 # text parameters in binary (exact lengths), the instant and the amount as text
 _TRANSFER_BINARY = (True, True, True, False, True, True, True, True, False)
@@ -374,10 +381,10 @@ def _post_through(
     """Call a posting function with `params`; its (transaction id, created) rows.
 
     Inside an atomic block, through psycopg's cursor with binary parameters (a
-    savepoint, see `_call`). Outside one the call is its own database transaction, one
-    round trip, straight through libpq (ledger.binding.exec_prepared says why), its
-    arrays written as PostgreSQL array literals: a third of the cost of psycopg's
-    per-element dumping of a 1,000-entry batch.
+    savepoint, see `_call`). Outside one the call commits on its own (a transfer in two
+    transactions, see migration 0010), one round trip, straight through libpq
+    (ledger.binding.exec_prepared says why), its arrays written as PostgreSQL array
+    literals: a third of the cost of psycopg's per-element dumping of a 1,000-entry batch.
     """
     db = database()
     if db.in_atomic_block or not db.get_autocommit():
@@ -485,8 +492,8 @@ def _post_transfer(entry: Entry) -> Posted:
         str(debit.amount),
     ]
     ((tx_id, created),) = _post_through(
-        "ledger_post_transfer",
-        (_LEDGER_POST_TRANSFER, _LEDGER_POST_TRANSFER_LIBPQ),
+        "ledger_post_transfer_durably",
+        (_LEDGER_POST_TRANSFER, _LEDGER_POST_TRANSFER_DURABLY),
         params,
         _TRANSFER_BINARY,
     )

@@ -762,6 +762,43 @@ def test_a_transfer_committed_on_its_own_goes_through_libpq_and_says_the_same():
     assert_books_hold()
 
 
+@committing_db
+def test_a_transfer_committed_on_its_own_is_committed_before_the_call_waits_for_the_flush():
+    """Outside a transaction a transfer is two commits in one call (migration 0010): its
+    own, which frees its balance rows without waiting for the WAL flush, then one that
+    writes WAL and so waits for the flush, which covers the first. Both committed."""
+    chart()
+    transfer("warm-up", "platform:cash", "platform:fees", 1)
+    before = next_xid()
+    posted = [transfer(f"durable-{n}", "platform:cash", "platform:fees", 1) for n in range(10)]
+    assert next_xid() - before == 2 * len(posted)
+    xids = list(
+        Transaction.objects.filter(pk__in=[p.transaction_id for p in posted]).values_list(
+            "created_xact", flat=True
+        )
+    )
+    with connection.cursor() as cursor:  # each transfer's, and the one after it
+        cursor.execute(
+            "SELECT DISTINCT pg_xact_status(x::text::xid8) FROM unnest(%s::bigint[]) AS x",
+            [xids + [xid + 1 for xid in xids]],
+        )
+        assert cursor.fetchall() == [("committed",)]
+    # A replay answers after the same flush, and so does a conflict's refusal.
+    assert transfer("durable-0", "platform:cash", "platform:fees", 1) == posted[0]._replace(
+        created=False
+    )
+    with pytest.raises(IdempotencyConflict):
+        transfer("durable-0", "platform:cash", "platform:fees", 2)
+    assert stored_balances()[("platform:cash", "USD")] == 11
+    assert_books_hold()
+
+
+def next_xid() -> int:
+    with connection.cursor() as cursor:  # reads assign no transaction id
+        cursor.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+        return int(cursor.fetchone()[0])
+
+
 ODD_TEXTS = [
     'a "quote"',
     "back\\slash",
