@@ -47,6 +47,19 @@ def bound_cursor(db: BaseDatabaseWrapper | None = None) -> Iterator[psycopg.Curs
         yield cursor
 
 
+def on_its_own(db: BaseDatabaseWrapper) -> bool:
+    """Whether a statement sent now commits on its own: `exec_prepared` may carry it.
+
+    Autocommit outside an atomic block, and no transaction open on the connection that
+    Django does not know of (a raw BEGIN through a cursor).
+    """
+    return (
+        not db.in_atomic_block
+        and db.get_autocommit()  # connects first if needed
+        and db.connection.pgconn.transaction_status == pq.TransactionStatus.IDLE
+    )
+
+
 _PREPARED_ATTRIBUTE = "_ledger_prepared"
 _TEXT, _BINARY = 0, 1
 _SQLSTATE = pq.DiagnosticField.SQLSTATE
@@ -66,7 +79,7 @@ def exec_prepared(
     result loaders) cost about 45 us of CPU a call more than this, measured, and four
     processes posting to hot accounts share two cores with the server. Only outside a
     transaction (psycopg starts one itself when the connection is not in autocommit,
-    and this bypasses it): callers check `in_atomic_block` and autocommit first.
+    and this bypasses it): callers check `on_its_own` first.
 
     Text parameters go in binary (exact length: a NUL byte is refused by the server,
     not cut off); the statement is prepared once per connection (again if something

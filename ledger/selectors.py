@@ -26,7 +26,7 @@ from typing import Any
 
 from django.db import connection
 
-from ledger.binding import bound_cursor, database, exec_prepared, libpq_text
+from ledger.binding import bound_cursor, database, exec_prepared, libpq_text, on_its_own
 from ledger.models import DEBIT_NORMAL_KINDS, Posting
 
 BACKDATED_LAG = timedelta(milliseconds=10)  # the index predicate of migration 0003
@@ -98,7 +98,7 @@ def balance_as_of(*, account_id: int, asset_id: int, at: datetime) -> int:
     transaction before it could be prepared again.
     """
     db = database()
-    if not db.in_atomic_block and db.get_autocommit():
+    if on_its_own(db):
         texts = [str(account_id).encode(), str(asset_id).encode(), libpq_text(at)]
         ((amount,),) = exec_prepared(
             db,

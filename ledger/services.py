@@ -19,16 +19,18 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
+from psycopg import pq
 
-from ledger.binding import bound_cursor, database, exec_prepared, libpq_text
+from ledger.binding import bound_cursor, database, exec_prepared, libpq_text, on_its_own
 from ledger.exceptions import (
     AlreadyReversed,
     ConcurrentPosting,
@@ -376,7 +378,11 @@ _TRANSFER_BINARY = (True, True, True, False, True, True, True, True, False)
 
 
 def _post_through(
-    name: str, queries: tuple[str, str], params: list[Any], binary: Sequence[bool]
+    name: str,
+    queries: tuple[str, str],
+    params: list[Any],
+    binary: Sequence[bool],
+    interrupted: Callable[[BaseDatabaseWrapper], list[tuple[int, bool]] | None] | None = None,
 ) -> list[tuple[int, bool]]:
     """Call a posting function with `params`; its (transaction id, created) rows.
 
@@ -387,14 +393,18 @@ def _post_through(
     literals: a third of the cost of psycopg's per-element dumping of a 1,000-entry batch.
     """
     db = database()
-    if db.in_atomic_block or not db.get_autocommit():
+    if not on_its_own(db):
         return [(int(tx_id), bool(created)) for tx_id, created in _call(queries[0], params)]
     raw = [libpq_text(value) for value in params]
-    with _DatabaseRules():
-        return [
-            (_int(tx_id), created == b"t")
-            for tx_id, created in exec_prepared(db, name, queries[1], raw, binary)
-        ]
+    try:
+        with _DatabaseRules():
+            rows = exec_prepared(db, name, queries[1], raw, binary)
+    except DatabaseError:  # no ledger rule: a cancel, a timeout; `interrupted` may know more
+        found = interrupted(db) if interrupted is not None else None
+        if found is None:
+            raise
+        return found
+    return [(_int(tx_id), created == b"t") for tx_id, created in rows]
 
 
 def _int(value: bytes | None) -> int:
@@ -480,9 +490,10 @@ def transactions_post(*, entries: Sequence[Entry]) -> list[Posted]:
 
 def _post_transfer(entry: Entry) -> Posted:
     debit, credit = entry.legs  # validated: balanced, so credit.amount == -debit.amount
+    key, content_hash = entry.idempotency_key, _content_hash(entry)
     params = [
-        entry.idempotency_key,
-        _content_hash(entry),
+        key,
+        content_hash,
         entry.description,
         entry.effective_at,
         _metadata_json(entry),
@@ -496,8 +507,41 @@ def _post_transfer(entry: Entry) -> Posted:
         (_LEDGER_POST_TRANSFER, _LEDGER_POST_TRANSFER_DURABLY),
         params,
         _TRANSFER_BINARY,
+        lambda db: _transfer_made_before_the_error(db, key, content_hash),
     )
-    return Posted(transaction_id=tx_id, idempotency_key=entry.idempotency_key, created=created)
+    return Posted(transaction_id=tx_id, idempotency_key=key, created=created)
+
+
+def _transfer_made_before_the_error(
+    db: BaseDatabaseWrapper, key: str, content_hash: str
+) -> list[tuple[int, bool]] | None:
+    """After the procedure failed with no ledger rule broken: whether it had committed.
+
+    The procedure commits the transfer, then waits for the flush in a second
+    transaction; a cancel or a statement timeout can land between the two. The call
+    has ended either way, so the key says: posted with this content (by this call or an
+    earlier one: created is False, the call cannot tell), after a flush that makes it
+    durable; or not (None: the error stands, nothing was posted).
+    """
+    if db.connection is None or db.connection.pgconn.status != pq.ConnStatus.OK:
+        return None  # the connection is gone: the outcome is unknown, as for any commit
+    try:
+        rows = exec_prepared(
+            db,
+            "ledger_transfer_by_key",
+            "SELECT t.id, t.content_hash FROM ledger_transaction t WHERE t.idempotency_key = $1",
+            [key.encode()],
+            (True,),
+        )
+        if not rows or rows[0][1] != content_hash.encode():
+            return None
+        # Its own transaction, which writes WAL: its commit waits for the flush.
+        exec_prepared(
+            db, "ledger_flush", "SELECT pg_logical_emit_message(true, 'ledger', '')", [], ()
+        )
+    except DatabaseError:
+        return None
+    return [(_int(rows[0][0]), False)]
 
 
 def transaction_post(

@@ -472,13 +472,14 @@ END $$;
 """
 
 
-def replace_poster(apps, schema_editor):
+def replace_poster(apps, schema_editor, post_sql=POST_SQL):
+    """Create ledger_post() from `post_sql` (0008's, or 0010's patch of it)."""
     with schema_editor.connection.cursor() as cursor:
         cursor.execute(
             "SELECT current_schema(), pg_get_serial_sequence('ledger_transaction', 'id')"
         )
         schema, transaction_ids = cursor.fetchone()
-    sql = trusted_poster.qualified(POST_SQL, schema)
+    sql = trusted_poster.qualified(post_sql, schema)
     sql = sql.replace("'ledger_transaction_id_seq'", "'" + transaction_ids.replace("'", "''") + "'")
     # ledger_post() draws the transactions' ids itself now (see above).
     schema_editor.execute(f"GRANT USAGE ON SEQUENCE {transaction_ids} TO ledger_poster")
