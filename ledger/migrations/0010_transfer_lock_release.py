@@ -24,7 +24,9 @@ writes nothing, so its commit would not wait for a flush: `ledger_post_transfer(
 `ledger_post()` now write a WAL record when they answer with a replay (below), and so
 never report a transfer not yet durable. Only a read in that instant could see a
 transfer that a crash then loses, whose caller, never answered, posts it again under
-the same idempotency key.
+the same idempotency key. A cancel or a statement timeout that lands between the two
+commits: see ledger.services._transfer_made_before_the_error. (A logical decoding
+consumer, should one be added, sees these messages: prefix 'ledger', no content.)
 
 Measured with pgbench, 4 clients on the 10 hot accounts, alternating: 1,720-1,953
 transfers/s through the function, 1,943-2,305 through this procedure.
