@@ -135,6 +135,76 @@ def test_balance_as_of_equals_the_sum_of_postings_effective_by_then_at_every_ins
     assert_books_hold()
 
 
+@committing_db
+def test_account_history_is_every_posting_of_the_range_in_effective_order_at_every_edge():
+    """The history reads by recorded time (there is no effective-time index): brute force.
+
+    The traffic of the test above (shuffled old history, late arrivals dated back by
+    less and more than the lag), and arrivals a few milliseconds late, dated before the
+    two postings recorded just before them: within the lag, so not in the back-dated
+    index, yet out of effective order in the recorded-time one. Ranges cut at every
+    instant that matters, pages of 1 to all.
+    """
+    chart()
+    rng = random.Random(20261123)
+    hour_ago = db_now() - timedelta(hours=1)
+    offsets = list(range(8))
+    rng.shuffle(offsets)
+    for i in offsets:
+        post_random(rng, f"old-{i}", hour_ago + timedelta(minutes=3 * i))
+    for i in range(12):
+        post_random(rng, f"now-{i}", None)
+        lag_s = (0.002, 0.0099, 0.0101, 0.05, 1.5, 600.0)[i % 6]
+        post_random(rng, f"late-{i}", db_now() - timedelta(seconds=lag_s))
+        time.sleep(0.02)
+    for i in range(6):
+        first = transfer(f"on-time-{i}", "platform:cash", "platform:fees", 7)
+        dated = Posting.objects.filter(transaction_id=first.transaction_id)[0].effective_at
+        transfer(f"on-time-{i}-b", "platform:cash", "platform:fees", 3)
+        transfer(f"ms-late-{i}", "platform:cash", "platform:fees", 11, effective_at=dated - US)
+        time.sleep(0.02)
+    instants = instants_that_matter(rng, 120)
+    postings = list(
+        Posting.objects.values_list("id", "account_id", "asset_id", "effective_at", "amount")
+    )
+    pairs = [(acc.id, ass.id) for acc in Account.objects.all() for ass in Asset.objects.all()]
+    # Random ranges; then short pages starting just before each recent posting.
+    cases = [
+        (*sorted(rng.sample(instants, 2)), rng.choice(pairs), rng.choice((1, 2, 3, 5, 8, 10_000)))
+        for _ in range(150)
+    ]
+    cases += [
+        (e - US, instants[-1], (a, s), limit)
+        for _, a, s, e, _ in postings
+        if e > hour_ago + timedelta(minutes=30)
+        for limit in (1, 2)
+    ]
+    checked = truncated = 0
+    mismatches = []
+    for since, until, (account, asset), limit in cases:
+        mine = sorted((e, i, n) for i, a, s, e, n in postings if (a, s) == (account, asset))
+        opening = sum(n for e, _, n in mine if e < since)
+        in_range = [(i, n) for e, i, n in mine if since <= e < until]
+        running = itertools.accumulate((n for _, n in in_range), initial=opening)
+        want = list(zip((i for i, _ in in_range), list(running)[1:], strict=True))[:limit]
+        history = account_history(
+            account_id=account, asset_id=asset, since=since, until=until, limit=limit
+        )
+        got = [(r.posting_id, r.running_balance) for r in history.rows]
+        if (got, history.opening_balance, history.truncated) != (
+            want,
+            opening,
+            len(in_range) > limit,
+        ):
+            mismatches.append((since.isoformat(), until.isoformat(), limit, got, want))
+        checked += len(want)
+        truncated += history.truncated
+    assert mismatches == []
+    # Not all of them empty or whole pages.
+    assert checked > 300
+    assert truncated > 100
+
+
 def prepared_as_of_runs() -> int:
     with connection.cursor() as cursor:
         cursor.execute(
