@@ -55,6 +55,25 @@ def post_random(rng: random.Random, key: str, effective_at: datetime | None) -> 
     )
 
 
+def post_old_and_late(rng: random.Random) -> datetime:
+    """Post history out of effective order; return the hour-ago instant it starts at.
+
+    Old entries in shuffled effective order, then current traffic interleaved with late
+    arrivals dated back by less and more than the lag.
+    """
+    hour_ago = db_now() - timedelta(hours=1)
+    offsets = list(range(10))
+    rng.shuffle(offsets)
+    for i in offsets:
+        post_random(rng, f"old-{i}", hour_ago + timedelta(minutes=3 * i))
+    for i in range(12):
+        post_random(rng, f"now-{i}", None)
+        lag_s = (0.002, 0.0099, 0.0101, 0.05, 1.5, 30.0)[i % 6]
+        post_random(rng, f"late-{i}", db_now() - timedelta(seconds=lag_s))
+        time.sleep(0.02)
+    return hour_ago
+
+
 def instants_that_matter(rng: random.Random, count: int) -> list[datetime]:
     """Return `count` of: every posting's effective and recorded time (and recorded minus
     the lag), a microsecond either side, midpoints between them; plus the extremes."""
@@ -78,18 +97,7 @@ def instants_that_matter(rng: random.Random, count: int) -> list[datetime]:
 def test_balance_as_of_equals_the_sum_of_postings_effective_by_then_at_every_instant():
     w = chart()
     rng = random.Random(20260101)
-    hour_ago = db_now() - timedelta(hours=1)
-    # Old history, posted in shuffled effective order.
-    offsets = list(range(10))
-    rng.shuffle(offsets)
-    for i in offsets:
-        post_random(rng, f"old-{i}", hour_ago + timedelta(minutes=3 * i))
-    # Current traffic interleaved with late arrivals dated back by less and more than the lag.
-    for i in range(12):
-        post_random(rng, f"now-{i}", None)
-        lag_s = (0.002, 0.0099, 0.0101, 0.05, 1.5, 30.0)[i % 6]
-        post_random(rng, f"late-{i}", db_now() - timedelta(seconds=lag_s))
-        time.sleep(0.02)
+    post_old_and_late(rng)
     instants = instants_that_matter(rng, 400)
     assert len(instants) == 402
     postings = list(Posting.objects.values_list("account_id", "asset_id", "effective_at", "amount"))
@@ -147,16 +155,7 @@ def test_account_history_is_every_posting_of_the_range_in_effective_order_at_eve
     """
     chart()
     rng = random.Random(20261123)
-    hour_ago = db_now() - timedelta(hours=1)
-    offsets = list(range(8))
-    rng.shuffle(offsets)
-    for i in offsets:
-        post_random(rng, f"old-{i}", hour_ago + timedelta(minutes=3 * i))
-    for i in range(12):
-        post_random(rng, f"now-{i}", None)
-        lag_s = (0.002, 0.0099, 0.0101, 0.05, 1.5, 600.0)[i % 6]
-        post_random(rng, f"late-{i}", db_now() - timedelta(seconds=lag_s))
-        time.sleep(0.02)
+    hour_ago = post_old_and_late(rng)
     for i in range(6):
         first = transfer(f"on-time-{i}", "platform:cash", "platform:fees", 7)
         dated = Posting.objects.filter(transaction_id=first.transaction_id)[0].effective_at
