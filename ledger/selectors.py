@@ -195,11 +195,16 @@ class AccountHistory:
 #  - `firsts`: the first n postings effective in [since, until) by recorded time, the
 #    last of them recorded at R; each of them is effective at or before X = min(R, until),
 #    and X = until when fewer than n exist;
-#  - every posting effective in [since, X] is among them, or recorded after R but by
-#    X + lag, or back-dated and found by lag class as in _BALANCE_AS_OF: recorded after
-#    X + lag but before until plus its class's bound;
-# so the first n of those candidates in effective order are the first n of the range.
-# Transactions are joined to the page only, after the sort.
+#  - every posting effective in [since, X] is among them, or recorded after R (and at or
+#    after since) but by X + lag, or back-dated and found by lag class as in
+#    _BALANCE_AS_OF: recorded after X + lag but before X plus its class's bound;
+# so the first n of those candidates in effective order are the first n of the range,
+# and their running balances are right: no posting effective before one of them is
+# missing. (Recorded times are unique per account and asset, ledger_posting_recorded_
+# unique, so the n firsts never split a tie at R.) Besides the page it reads what was
+# recorded within the lag after it (a batch's postings to the row: up to a thousand)
+# and the postings back-dated across it. Transactions are joined to the page only,
+# one probe each, after the sort.
 _ACCOUNT_HISTORY = """
 WITH firsts AS (
     SELECT id, transaction_id, effective_at, amount, recorded_at FROM ledger_posting
@@ -220,7 +225,7 @@ WITH firsts AS (
     SELECT p.id, p.transaction_id, p.effective_at, p.amount
       FROM bound, ledger_posting p
      WHERE p.account_id = %(account)s::bigint AND p.asset_id = %(asset)s::bigint
-       AND p.recorded_at > bound.r
+       AND p.recorded_at > bound.r AND p.recorded_at >= %(since)s::timestamptz
        AND p.recorded_at <= bound.x + %(lag)s::interval
        AND p.effective_at >= %(since)s::timestamptz AND p.effective_at < %(until)s::timestamptz
     UNION ALL
@@ -232,7 +237,7 @@ WITH firsts AS (
               AND ledger_lag_class(recorded_at - effective_at) = c.lag_class
               AND recorded_at > bound.x + %(lag)s::interval
               AND recorded_at < CASE WHEN c.lag_class < 41
-                   THEN %(until)s::timestamptz + interval '10 milliseconds' * power(2, c.lag_class)
+                   THEN bound.x + interval '10 milliseconds' * power(2, c.lag_class)
                    ELSE 'infinity' END
               AND effective_at >= %(since)s::timestamptz
               AND effective_at < %(until)s::timestamptz
@@ -247,7 +252,9 @@ WITH firsts AS (
 )
 SELECT p.id, p.transaction_id, t.idempotency_key, p.effective_at, t.description, p.amount,
        p.running
-  FROM page p JOIN ledger_transaction t ON t.id = p.transaction_id
+  FROM page p
+ CROSS JOIN LATERAL (SELECT idempotency_key, description FROM ledger_transaction
+                      WHERE id = p.transaction_id OFFSET 0) t  -- not a scan of them all
  ORDER BY p.effective_at, p.id
 """
 
@@ -262,7 +269,8 @@ def account_history(
 ) -> AccountHistory:
     """Return postings effective in [since, until) with the running balance after each.
 
-    Reads about `limit` postings however long the account's history (see _ACCOUNT_HISTORY).
+    Its cost follows `limit`, the postings recorded within the lag after the page and
+    those back-dated across it, not the length of the history (see _ACCOUNT_HISTORY).
     """
     limit = min(limit, HISTORY_ROWS_MAX)
     opening = balance_as_of(
