@@ -49,7 +49,23 @@ def balance_get(*, account_id: int, asset_id: int) -> int:
     return int(row[0]) if row else 0
 
 
-_BALANCE_AS_OF = """
+def _backdated_after(anchor: str) -> str:
+    """The conditions of one lag-class probe of ledger_posting_backdated_idx (0003).
+
+    A posting back-dated by more than the lag, recorded after `anchor` plus the lag, and
+    before `anchor` plus its class's bound: a posting of class k (k < 41) was recorded
+    less than 10 ms x 2^k after its effective time, so one that is effective by `anchor`
+    lies in that range. Joined to generate_series(1, 41) AS c(lag_class).
+    """
+    return f"""ledger_lag_class(recorded_at - effective_at) = c.lag_class
+                           AND recorded_at > {anchor} + %(lag)s::interval
+                           AND recorded_at < CASE WHEN c.lag_class < 41
+                                THEN {anchor} + interval '10 milliseconds' * power(2, c.lag_class)
+                                ELSE 'infinity' END
+                           AND recorded_at - effective_at > interval '10 milliseconds'"""
+
+
+_BALANCE_AS_OF = f"""
 SELECT coalesce((SELECT balance_after FROM ledger_posting
                   WHERE account_id = %(account)s::bigint AND asset_id = %(asset)s::bigint
                     AND recorded_at <= %(at)s::timestamptz
@@ -64,14 +80,8 @@ SELECT coalesce((SELECT balance_after FROM ledger_posting
                    CROSS JOIN LATERAL (
                         SELECT amount FROM ledger_posting
                          WHERE account_id = %(account)s::bigint AND asset_id = %(asset)s::bigint
-                           AND ledger_lag_class(recorded_at - effective_at) = c.lag_class
-                           AND recorded_at > %(at)s::timestamptz + %(lag)s::interval
-                           AND recorded_at < CASE WHEN c.lag_class < 41
-                                THEN %(at)s::timestamptz
-                                     + interval '10 milliseconds' * power(2, c.lag_class)
-                                ELSE 'infinity' END
                            AND effective_at <= %(at)s::timestamptz
-                           AND recorded_at - effective_at > interval '10 milliseconds') p), 0)
+                           AND {_backdated_after("%(at)s::timestamptz")}) p), 0)
 """
 
 
@@ -205,7 +215,7 @@ class AccountHistory:
 # recorded within the lag after it (a batch's postings to the row: up to a thousand)
 # and the postings back-dated across it. Transactions are joined to the page only,
 # one probe each, after the sort.
-_ACCOUNT_HISTORY = """
+_ACCOUNT_HISTORY = f"""
 WITH firsts AS (
     SELECT id, transaction_id, effective_at, amount, recorded_at FROM ledger_posting
      WHERE account_id = %(account)s::bigint AND asset_id = %(asset)s::bigint
@@ -234,14 +244,9 @@ WITH firsts AS (
       CROSS JOIN LATERAL (
            SELECT id, transaction_id, effective_at, amount FROM ledger_posting
             WHERE account_id = %(account)s::bigint AND asset_id = %(asset)s::bigint
-              AND ledger_lag_class(recorded_at - effective_at) = c.lag_class
-              AND recorded_at > bound.x + %(lag)s::interval
-              AND recorded_at < CASE WHEN c.lag_class < 41
-                   THEN bound.x + interval '10 milliseconds' * power(2, c.lag_class)
-                   ELSE 'infinity' END
               AND effective_at >= %(since)s::timestamptz
               AND effective_at < %(until)s::timestamptz
-              AND recorded_at - effective_at > interval '10 milliseconds'
+              AND {_backdated_after("bound.x")}
            OFFSET 0) p  -- a probe per class, not one scan of every back-dated posting
 ), page AS (
     SELECT id, transaction_id, effective_at, amount,
