@@ -5,7 +5,10 @@ What runs, in a scratch database created, migrated and dropped around the run
 (DEBUG's logging formats every parameter array and would measure Django, not us):
 
 - post_tx_per_s: `transaction_post` in a loop, one two-leg transaction per database
-  transaction, one process; wall time over `--single-tx` transactions.
+  transaction, one process; wall time over `--single-tx` transactions. Alternated, a
+  turn of SINGLE_CHUNK each, with the same transfers written by plain psycopg into
+  tables shaped like the ledger's (baseline_psycopg_tx_per_s): the issue's reference
+  figure for this path ("about 1,000 transfers/s"), measured in the same minute.
 - post_tx_per_s_batched: `transactions_post` with BATCH_ENTRIES two-leg entries per call
   (one database transaction per call), one process, over `--batched-tx` transactions.
   Each batch is followed by the same batch on plain PostgreSQL's set-based COPY path
@@ -15,7 +18,8 @@ What runs, in a scratch database created, migrated and dropped around the run
   transfers among the same HOT_ACCOUNTS accounts with `transaction_post`, for
   `--duration-s` seconds from a common start (each builds its transfers before, as the
   other phases do); committed transactions over the longest worker's wall time. Every
-  exception counts in hot_account_errors.
+  exception counts in hot_account_errors. Just before, the same load through plain
+  psycopg (baseline_psycopg_hot_tx_per_s).
 - balance reads: one read account receives one leg of every entry of BATCH_ENTRIES-entry
   batches (the other leg rotates over COUNTER_ACCOUNTS accounts); BACKDATED_FRACTION
   of the entries are dated back up to --backdated-s seconds (within the open period)
@@ -26,7 +30,8 @@ What runs, in a scratch database created, migrated and dropped around the run
   around the selector (Django and the driver included).
 
 Afterwards, the figures are checked: balances equal the sum of postings, and a few
-point-in-time balances equal the sum of postings effective by then.
+point-in-time balances equal the sum of postings effective by then; so are the plain
+paths' tables (baseline_copy_consistent, baseline_psycopg_consistent).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import os
 import platform
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +65,7 @@ BATCH_ENTRIES = 1_000
 HOT_ACCOUNTS = 10
 HOT_TRANSFERS_PER_S_PER_PROCESS = 1_500  # built ahead; about twice what one reaches here
 SINGLE_ACCOUNTS = 100
+SINGLE_CHUNK = 250  # transfers a turn when the ledger and plain psycopg alternate
 COUNTER_ACCOUNTS = 100
 BACKDATED_FRACTION = 0.01
 # Late arrivals: what a point-in-time read pays for is the postings back-dated across
@@ -129,6 +135,9 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
             cursor.execute("SELECT count(*) FROM ledger_posting")
             figures["postings_total"] = int(cursor.fetchone()[0])
         figures["balances_consistent"] = _balances_consistent()
+        figures["baseline_psycopg_consistent"] = _PlainTransfers.consistent(
+            figures["post_tx_count"] + figures["baseline_psycopg_hot_tx_count"]
+        )
         figures["load_average_1m_end"] = round(os.getloadavg()[0], 2)
     return figures
 
@@ -210,6 +219,7 @@ def _transfer(key: str, debit: str, credit: str, amount: int, at: datetime | Non
 
 
 def _bench_single(count: int) -> dict[str, Any]:
+    """Transfers one per call, alternated in chunks with the same on plain psycopg."""
     from ledger.services import transaction_post
 
     rng = random.Random(1)
@@ -222,17 +232,31 @@ def _bench_single(count: int) -> dict[str, Any]:
         )
         for i in range(count)
     ]
-    started = time.perf_counter()
-    for entry in entries:
-        transaction_post(
-            idempotency_key=entry.idempotency_key, legs=entry.legs, description=entry.description
-        )
-    elapsed_s = time.perf_counter() - started
+    _PlainTransfers.create_tables()
+    plain = _PlainTransfers()
+    elapsed_s = plain_s = 0.0
+    for start in range(0, count, SINGLE_CHUNK):
+        chunk = entries[start : start + SINGLE_CHUNK]
+        started = time.perf_counter()
+        for entry in chunk:
+            transaction_post(
+                idempotency_key=entry.idempotency_key,
+                legs=entry.legs,
+                description=entry.description,
+            )
+        elapsed_s += time.perf_counter() - started
+        started = time.perf_counter()
+        for entry in chunk:
+            plain.post(entry)
+        plain_s += time.perf_counter() - started
     return {
         "post_tx_per_s": round(count / elapsed_s),
         "post_tx_count": count,
         "post_method": f"1 process, transaction_post x {count}, 2 legs, one database "
         f"transaction each, among {SINGLE_ACCOUNTS} accounts; wall time",
+        "baseline_psycopg_tx_per_s": round(count / plain_s),
+        "baseline_psycopg_method": f"the same transfers, alternated with the above "
+        f"{SINGLE_CHUNK} at a time: {_PlainTransfers.METHOD}",
     }
 
 
@@ -382,6 +406,100 @@ class _CopyPath:
         return bool(written == transactions and posted == 2 * transactions and balanced)
 
 
+class _PlainTransfers:
+    """A transfer as plain psycopg writes it: the issue's reference for one per commit.
+
+    "Plain psycopg with one transfer per database transaction commits about 1,000
+    transfers/s" on this machine, says the issue; this measures that figure in the same
+    run, since the machine's speed does not hold still. On its own connection's psycopg
+    object (Django bypassed), as an application would write it: BEGIN, the transaction
+    row, the two balance rows moved in account order (their RETURNING gives each posting
+    its running balance and recorded time, as the ledger keeps them), the two postings,
+    COMMIT; statements bound and prepared by psycopg. Tables shaped like the ledger's
+    (LIKE ... INCLUDING ALL: its indexes and checks, no triggers); no idempotency answer,
+    no validation, no period.
+    """
+
+    METHOD = (
+        "plain psycopg on the same connection, Django bypassed: BEGIN, INSERT of the "
+        "transaction row, UPDATE ... RETURNING of the two balance rows in account order, "
+        "INSERT of the two postings with their running balances, COMMIT, into tables "
+        "shaped like the ledger's (LIKE ... INCLUDING ALL: its indexes and checks, no "
+        "triggers); no idempotency answer, no validation, no period: the issue's "
+        "'plain psycopg with one transfer per database transaction', measured now"
+    )
+
+    @staticmethod
+    def create_tables() -> None:
+        with connection.cursor() as cursor:
+            for table in ("transaction", "posting", "balance"):
+                cursor.execute(
+                    f"CREATE TABLE bench_plain_{table} (LIKE ledger_{table} INCLUDING ALL)"
+                )
+            cursor.execute(
+                "INSERT INTO bench_plain_balance (account_id, asset_id, amount, posting_count) "
+                "SELECT a.id, s.id, 0, 0 FROM ledger_account a, ledger_asset s "
+                "WHERE s.code = %s",
+                [ASSET],
+            )
+
+    def __init__(self) -> None:
+        from ledger.models import Account, Asset
+
+        self.accounts = dict(Account.objects.values_list("code", "id"))
+        self.assets = dict(Asset.objects.values_list("code", "id"))
+        connection.ensure_connection()
+        self.connection = connection.connection  # psycopg's own, in autocommit
+
+    def post(self, entry: Entry) -> None:
+        """Write one two-leg entry in a database transaction of its own."""
+        asset = self.assets[entry.legs[0].asset]
+        legs = sorted((self.accounts[leg.account], leg.amount) for leg in entry.legs)
+        key = entry.idempotency_key
+        with self.connection.transaction(), self.connection.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO bench_plain_transaction (idempotency_key, content_hash, "
+                "description, metadata, first_posting_id) VALUES (%s, %s, %s, '{}', 0) "
+                "RETURNING id",
+                [key, hashlib.sha256(key.encode()).hexdigest(), entry.description],
+            )
+            (transaction_id,) = cursor.fetchone()
+            rows = []
+            for account, amount in legs:
+                cursor.execute(
+                    "UPDATE bench_plain_balance SET amount = amount + %s, "
+                    "posting_count = posting_count + 1, updated_at = "
+                    "greatest(updated_at + interval '1 microsecond', clock_timestamp()) "
+                    "WHERE account_id = %s AND asset_id = %s RETURNING amount, updated_at",
+                    [amount, account, asset],
+                )
+                balance_after, recorded_at = cursor.fetchone()
+                rows += [transaction_id, account, asset, amount, recorded_at, balance_after]
+            cursor.execute(
+                "INSERT INTO bench_plain_posting (transaction_id, account_id, asset_id, amount, "
+                "recorded_at, balance_after) VALUES (%s, %s, %s, %s, %s, %s), "
+                "(%s, %s, %s, %s, %s, %s)",
+                rows,
+            )
+
+    @staticmethod
+    def consistent(transactions: int) -> bool:
+        """Did plain psycopg write what it was timed for: every row, balances = postings?"""
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT (SELECT count(*) FROM bench_plain_transaction), "
+                "(SELECT count(*) FROM bench_plain_posting), "
+                "(SELECT sum(amount) FROM bench_plain_balance), "
+                "NOT EXISTS (SELECT 1 FROM bench_plain_balance b WHERE b.amount <> "
+                "(SELECT coalesce(sum(p.amount), 0) FROM bench_plain_posting p "
+                "WHERE p.account_id = b.account_id AND p.asset_id = b.asset_id))"
+            )
+            written, posted, total, balanced = cursor.fetchone()
+        return bool(
+            written == transactions and posted == 2 * transactions and total == 0 and balanced
+        )
+
+
 def _pair(rng: random.Random, prefix: str, size: int) -> tuple[str, str]:
     debit, credit = rng.sample(range(size), 2)
     return f"{prefix}:{debit}", f"{prefix}:{credit}"
@@ -391,12 +509,36 @@ def _pair(rng: random.Random, prefix: str, size: int) -> tuple[str, str]:
 
 
 def _bench_hot(processes: int, duration_s: float) -> dict[str, Any]:
+    """Plain psycopg on the hot accounts, then the ledger: the same load, one after the other."""
+    plain = _run_hot(processes, duration_s, plain=True)
+    ledger = _run_hot(processes, duration_s, plain=False)
+    return {
+        "hot_account_tx_per_s": round(ledger["committed"] / ledger["elapsed_s"]),
+        "hot_account_errors": ledger["errors"],
+        "hot_account_error_samples": ledger["error_samples"],
+        "hot_account_tx_count": ledger["committed"],
+        "hot_account_latency_ms_p50": _percentile(ledger["latencies_ms"], 50),
+        "hot_account_latency_ms_p99": _percentile(ledger["latencies_ms"], 99),
+        "hot_account_method": f"{processes} processes (spawn), each transaction_post in a "
+        f"loop for {duration_s:g} s from a common start (its transfers built before), "
+        f"2-leg transfers between random pairs of the same {HOT_ACCOUNTS} accounts, "
+        f"each committed on its own; committed / longest worker time",
+        "baseline_psycopg_hot_tx_per_s": round(plain["committed"] / plain["elapsed_s"]),
+        "baseline_psycopg_hot_errors": plain["errors"],
+        "baseline_psycopg_hot_method": "the same load just before, each transfer written "
+        f"by {_PlainTransfers.__name__}: {_PlainTransfers.METHOD}",
+        "baseline_psycopg_hot_tx_count": plain["committed"],
+    }
+
+
+def _run_hot(processes: int, duration_s: float, *, plain: bool) -> dict[str, Any]:
+    """Run the hot workers from a common start; their reports merged."""
     context = multiprocessing.get_context("spawn")
     results: Queue[dict[str, Any]] = context.Queue()
     start: Event = context.Event()
     database = str(connection.settings_dict["NAME"])
     workers = [
-        context.Process(target=_hot_worker, args=(database, n, duration_s, start, results))
+        context.Process(target=_hot_worker, args=(database, n, duration_s, plain, start, results))
         for n in range(processes)
     ]
     for worker in workers:
@@ -407,25 +549,30 @@ def _bench_hot(processes: int, duration_s: float) -> dict[str, Any]:
     reports = [results.get(timeout=duration_s + WORKER_START_TIMEOUT_S) for _ in workers]
     for worker in workers:
         worker.join(timeout=WORKER_START_TIMEOUT_S)
-    committed = sum(r["committed"] for r in reports)
-    elapsed_s = max(r["elapsed_s"] for r in reports)
-    latencies_ms = sorted(ms for r in reports for ms in r["latencies_ms"])
     return {
-        "hot_account_tx_per_s": round(committed / elapsed_s),
-        "hot_account_errors": sum(r["errors"] for r in reports),
-        "hot_account_error_samples": [s for r in reports for s in r["error_samples"]][:5],
-        "hot_account_tx_count": committed,
-        "hot_account_latency_ms_p50": _percentile(latencies_ms, 50),
-        "hot_account_latency_ms_p99": _percentile(latencies_ms, 99),
-        "hot_account_method": f"{processes} processes (spawn), each transaction_post in a "
-        f"loop for {duration_s:g} s from a common start (its transfers built before), "
-        f"2-leg transfers between random pairs of the same {HOT_ACCOUNTS} accounts, "
-        f"each committed on its own; committed / longest worker time",
+        "committed": sum(r["committed"] for r in reports),
+        "errors": sum(r["errors"] for r in reports),
+        "error_samples": [s for r in reports for s in r["error_samples"]][:5],
+        "elapsed_s": max(r["elapsed_s"] for r in reports),
+        "latencies_ms": sorted(ms for r in reports for ms in r["latencies_ms"]),
     }
 
 
+def _ledger_post(entry: Entry) -> None:
+    from ledger.services import transaction_post
+
+    transaction_post(
+        idempotency_key=entry.idempotency_key, legs=entry.legs, description=entry.description
+    )
+
+
 def _hot_worker(
-    database: str, seed: int, duration_s: float, start: Event, results: Queue[dict[str, Any]]
+    database: str,
+    seed: int,
+    duration_s: float,
+    plain: bool,
+    start: Event,
+    results: Queue[dict[str, Any]],
 ) -> None:
     """Post transfers among the hot accounts until `duration_s` has passed; report."""
     import django
@@ -434,14 +581,13 @@ def _hot_worker(
     settings.DEBUG = False
     settings.DATABASES["default"]["NAME"] = database
     connection.settings_dict["NAME"] = database
-    from ledger.services import transaction_post
-
     rng = random.Random(1_000 + seed)
+    prefix = "plain-hot" if plain else "hot"
 
     def transfers(first: int, count: int) -> list[Entry]:
         return [
             _transfer(
-                f"hot-{seed}-{n}",
+                f"{prefix}-{seed}-{n}",
                 *_pair(rng, "bench:hot", HOT_ACCOUNTS),
                 rng.randint(1, AMOUNT_MAX),
                 None,
@@ -453,6 +599,7 @@ def _hot_worker(
     # would otherwise share the two cores with what is measured. More if they run out.
     pending = transfers(0, int(duration_s * HOT_TRANSFERS_PER_S_PER_PROCESS))
     connection.ensure_connection()
+    post: Callable[[Entry], None] = _PlainTransfers().post if plain else _ledger_post
     results.put({"ready": True})
     start.wait()
     committed = errors = 0
@@ -465,11 +612,7 @@ def _hot_worker(
             pending += transfers(len(pending), len(pending))
         entry = pending[committed + errors]
         try:
-            transaction_post(
-                idempotency_key=entry.idempotency_key,
-                legs=entry.legs,
-                description=entry.description,
-            )
+            post(entry)
         except Exception as error:  # every failure counts; the target is zero
             errors += 1
             if len(samples) < 3:

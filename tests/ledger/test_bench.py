@@ -17,7 +17,8 @@ SMALL = {"single_tx": 20, "batched_tx": 1_500, "read_postings_small": 50,
          "read_postings": 300, "reads": 20, "duration_s": 0.5, "processes": 2}  # fmt: skip
 
 RATES = ["post_tx_per_s", "post_tx_per_s_batched", "hot_account_tx_per_s", "read_build_tx_per_s",
-         "baseline_commit_tx_per_s", "baseline_copy_tx_per_s"]  # fmt: skip
+         "baseline_commit_tx_per_s", "baseline_copy_tx_per_s", "baseline_psycopg_tx_per_s",
+         "baseline_psycopg_hot_tx_per_s"]  # fmt: skip
 LATENCIES_MS = [
     f"{kind}_{p}_ms{size}"
     for kind in ("balance_read", "pit_balance")
@@ -26,7 +27,8 @@ LATENCIES_MS = [
 ] + ["balance_read_p99_ms", "pit_balance_p99_ms", "hot_account_latency_ms_p50",
      "hot_account_latency_ms_p99"]  # fmt: skip
 METHODS = ["post_method", "post_batched_method", "hot_account_method", "read_method",
-           "baseline_method", "baseline_copy_method"]  # fmt: skip
+           "baseline_method", "baseline_copy_method", "baseline_psycopg_method",
+           "baseline_psycopg_hot_method"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -60,6 +62,8 @@ def test_bench_ledger_reports_every_figure(
     assert figures["pit_balance_p99_ms"] == figures["pit_balance_p99_ms_1m"]
     assert figures["balances_consistent"] is True
     assert figures["baseline_copy_consistent"] is True
+    assert figures["baseline_psycopg_consistent"] is True
+    assert figures["baseline_psycopg_hot_errors"] == 0
     assert figures["pit_checked"] == bench.PIT_CHECKS
     assert isinstance(figures["cpu_count"], int)
     assert isinstance(figures["postgres_version"], str)
