@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from django.conf import settings
 from django.core.management.base import CommandParser
 from django.db import connection, transaction
@@ -249,6 +250,7 @@ def _bench_single(count: int) -> dict[str, Any]:
         for entry in chunk:
             plain.post(entry)
         plain_s += time.perf_counter() - started
+    plain.close()
     return {
         "post_tx_per_s": round(count / elapsed_s),
         "post_tx_count": count,
@@ -411,8 +413,8 @@ class _PlainTransfers:
 
     "Plain psycopg with one transfer per database transaction commits about 1,000
     transfers/s" on this machine, says the issue; this measures that figure in the same
-    run, since the machine's speed does not hold still. On its own connection's psycopg
-    object (Django bypassed), as an application would write it: BEGIN, the transaction
+    run, since the machine's speed does not hold still. On a connection of its own, as
+    an application would write it: BEGIN, the transaction
     row, the two balance rows moved in account order (their RETURNING gives each posting
     its running balance and recorded time, as the ledger keeps them), the two postings,
     COMMIT; statements bound and prepared by psycopg. Tables shaped like the ledger's
@@ -421,7 +423,7 @@ class _PlainTransfers:
     """
 
     METHOD = (
-        "plain psycopg on the same connection, Django bypassed: BEGIN, INSERT of the "
+        "plain psycopg on a connection of its own with psycopg's defaults: BEGIN, INSERT of the "
         "transaction row, UPDATE ... RETURNING of the two balance rows in account order, "
         "INSERT of the two postings with their running balances, COMMIT, into tables "
         "shaped like the ledger's (LIKE ... INCLUDING ALL: its indexes and checks, no "
@@ -448,8 +450,15 @@ class _PlainTransfers:
 
         self.accounts = dict(Account.objects.values_list("code", "id"))
         self.assets = dict(Asset.objects.values_list("code", "id"))
-        connection.ensure_connection()
-        self.connection = connection.connection  # psycopg's own, in autocommit
+        # A connection of its own with psycopg's defaults (server-side binding, prepared
+        # after five uses), not Django's (client-side binding, never prepared).
+        params = connection.get_connection_params()
+        for django_only in ("cursor_factory", "context", "prepare_threshold"):
+            params.pop(django_only, None)
+        self.connection = psycopg.connect(**params, autocommit=True)
+
+    def close(self) -> None:
+        self.connection.close()
 
     def post(self, entry: Entry) -> None:
         """Write one two-leg entry in a database transaction of its own."""
@@ -463,7 +472,7 @@ class _PlainTransfers:
                 "RETURNING id",
                 [key, hashlib.sha256(key.encode()).hexdigest(), entry.description],
             )
-            (transaction_id,) = cursor.fetchone()
+            (transaction_id,) = cursor.fetchone()  # type: ignore[misc]  # RETURNING: always a row
             rows = []
             for account, amount in legs:
                 cursor.execute(
@@ -473,7 +482,7 @@ class _PlainTransfers:
                     "WHERE account_id = %s AND asset_id = %s RETURNING amount, updated_at",
                     [amount, account, asset],
                 )
-                balance_after, recorded_at = cursor.fetchone()
+                balance_after, recorded_at = cursor.fetchone()  # type: ignore[misc]
                 rows += [transaction_id, account, asset, amount, recorded_at, balance_after]
             cursor.execute(
                 "INSERT INTO bench_plain_posting (transaction_id, account_id, asset_id, amount, "
@@ -599,7 +608,8 @@ def _hot_worker(
     # would otherwise share the two cores with what is measured. More if they run out.
     pending = transfers(0, int(duration_s * HOT_TRANSFERS_PER_S_PER_PROCESS))
     connection.ensure_connection()
-    post: Callable[[Entry], None] = _PlainTransfers().post if plain else _ledger_post
+    writer = _PlainTransfers() if plain else None
+    post: Callable[[Entry], None] = writer.post if writer else _ledger_post
     results.put({"ready": True})
     start.wait()
     committed = errors = 0
@@ -629,6 +639,8 @@ def _hot_worker(
             "latencies_ms": latencies_ms,
         }
     )
+    if writer:
+        writer.close()
     connection.close()
 
 
