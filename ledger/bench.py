@@ -320,11 +320,8 @@ class _CopyPath:
     def __init__(self) -> None:
         from ledger.models import Account, Asset
 
+        _create_tables_like_the_ledgers("bench_copy")
         with connection.cursor() as cursor:
-            for table in ("transaction", "posting", "balance"):
-                cursor.execute(
-                    f"CREATE TABLE bench_copy_{table} (LIKE ledger_{table} INCLUDING ALL)"
-                )
             cursor.execute("SELECT pg_current_xact_id()::text::bigint")
             (self.xact,) = cursor.fetchone()
         self.accounts = dict(Account.objects.values_list("code", "id"))
@@ -395,17 +392,8 @@ class _CopyPath:
         return time.perf_counter() - started
 
     def consistent(self, transactions: int) -> bool:
-        """Did the COPY path write what it was timed for: every row, balances = postings?"""
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT (SELECT count(*) FROM bench_copy_transaction), "
-                "(SELECT count(*) FROM bench_copy_posting), "
-                "NOT EXISTS (SELECT 1 FROM bench_copy_balance b WHERE b.amount <> "
-                "(SELECT coalesce(sum(p.amount), 0) FROM bench_copy_posting p "
-                "WHERE p.account_id = b.account_id AND p.asset_id = b.asset_id))"
-            )
-            written, posted, balanced = cursor.fetchone()
-        return bool(written == transactions and posted == 2 * transactions and balanced)
+        """Did the COPY path write what it was timed for?"""
+        return _tables_consistent("bench_copy", transactions)
 
 
 class _PlainTransfers:
@@ -414,12 +402,11 @@ class _PlainTransfers:
     "Plain psycopg with one transfer per database transaction commits about 1,000
     transfers/s" on this machine, says the issue; this measures that figure in the same
     run, since the machine's speed does not hold still. On a connection of its own, as
-    an application would write it: BEGIN, the transaction
-    row, the two balance rows moved in account order (their RETURNING gives each posting
-    its running balance and recorded time, as the ledger keeps them), the two postings,
-    COMMIT; statements bound and prepared by psycopg. Tables shaped like the ledger's
-    (LIKE ... INCLUDING ALL: its indexes and checks, no triggers); no idempotency answer,
-    no validation, no period.
+    an application would write it: BEGIN, the transaction row, the two balance rows
+    moved in account order (their RETURNING gives each posting its running balance and
+    recorded time, as the ledger keeps them), the two postings, COMMIT; statements
+    bound and prepared by psycopg. Tables shaped like the ledger's; no idempotency
+    answer, no validation, no period.
     """
 
     METHOD = (
@@ -433,11 +420,8 @@ class _PlainTransfers:
 
     @staticmethod
     def create_tables() -> None:
+        _create_tables_like_the_ledgers("bench_plain")
         with connection.cursor() as cursor:
-            for table in ("transaction", "posting", "balance"):
-                cursor.execute(
-                    f"CREATE TABLE bench_plain_{table} (LIKE ledger_{table} INCLUDING ALL)"
-                )
             cursor.execute(
                 "INSERT INTO bench_plain_balance (account_id, asset_id, amount, posting_count) "
                 "SELECT a.id, s.id, 0, 0 FROM ledger_account a, ledger_asset s "
@@ -493,20 +477,30 @@ class _PlainTransfers:
 
     @staticmethod
     def consistent(transactions: int) -> bool:
-        """Did plain psycopg write what it was timed for: every row, balances = postings?"""
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT (SELECT count(*) FROM bench_plain_transaction), "
-                "(SELECT count(*) FROM bench_plain_posting), "
-                "(SELECT sum(amount) FROM bench_plain_balance), "
-                "NOT EXISTS (SELECT 1 FROM bench_plain_balance b WHERE b.amount <> "
-                "(SELECT coalesce(sum(p.amount), 0) FROM bench_plain_posting p "
-                "WHERE p.account_id = b.account_id AND p.asset_id = b.asset_id))"
-            )
-            written, posted, total, balanced = cursor.fetchone()
-        return bool(
-            written == transactions and posted == 2 * transactions and total == 0 and balanced
+        """Did plain psycopg write what it was timed for?"""
+        return _tables_consistent("bench_plain", transactions)
+
+
+def _create_tables_like_the_ledgers(prefix: str) -> None:
+    """Plain tables shaped like the ledger's: its indexes and checks, no triggers."""
+    with connection.cursor() as cursor:
+        for table in ("transaction", "posting", "balance"):
+            cursor.execute(f"CREATE TABLE {prefix}_{table} (LIKE ledger_{table} INCLUDING ALL)")
+
+
+def _tables_consistent(prefix: str, transactions: int) -> bool:
+    """Every row a plain path was timed for is there; balances equal postings and sum to 0."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT (SELECT count(*) FROM {prefix}_transaction), "
+            f"(SELECT count(*) FROM {prefix}_posting), "
+            f"(SELECT coalesce(sum(amount), 0) FROM {prefix}_balance), "
+            f"NOT EXISTS (SELECT 1 FROM {prefix}_balance b WHERE b.amount <> "
+            f"(SELECT coalesce(sum(p.amount), 0) FROM {prefix}_posting p "
+            f"WHERE p.account_id = b.account_id AND p.asset_id = b.asset_id))"
         )
+        written, posted, total, balanced = cursor.fetchone()
+    return bool(written == transactions and posted == 2 * transactions and total == 0 and balanced)
 
 
 def _pair(rng: random.Random, prefix: str, size: int) -> tuple[str, str]:
@@ -534,8 +528,8 @@ def _bench_hot(processes: int, duration_s: float) -> dict[str, Any]:
         f"each committed on its own; committed / longest worker time",
         "baseline_psycopg_hot_tx_per_s": round(plain["committed"] / plain["elapsed_s"]),
         "baseline_psycopg_hot_errors": plain["errors"],
-        "baseline_psycopg_hot_method": "the same load just before, each transfer written "
-        f"by {_PlainTransfers.__name__}: {_PlainTransfers.METHOD}",
+        "baseline_psycopg_hot_method": "the same load just before, each transfer "
+        f"written by {_PlainTransfers.METHOD}",
         "baseline_psycopg_hot_tx_count": plain["committed"],
     }
 
