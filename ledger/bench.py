@@ -29,6 +29,11 @@ What runs, in a scratch database created, migrated and dropped around the run
   between the account's first effective time and now; latency per call, measured
   around the selector (Django and the driver included).
 
+Each measured phase starts on a settled server (`_settle`: VACUUM (ANALYZE), then
+CHECKPOINT), as pgbench vacuums its tables before a run: a phase is not charged for the
+autovacuum and the checkpoint that the phase before it left behind. `--no-settle` runs
+without it, to compare.
+
 Afterwards, the figures are checked: balances equal the sum of postings, and a few
 point-in-time balances equal the sum of postings effective by then; so are the plain
 paths' tables (baseline_copy_consistent, baseline_psycopg_consistent).
@@ -50,7 +55,9 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from django.conf import settings
 from django.core.management.base import CommandParser
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
+
+from ledger.exceptions import sqlstate_of
 
 if TYPE_CHECKING:
     from multiprocessing.queues import Queue
@@ -75,6 +82,7 @@ BACKDATED_S_MAX = 10
 PIT_CHECKS = 5
 WORKER_START_TIMEOUT_S = 120
 AMOUNT_MAX = 1_000_000
+INSUFFICIENT_PRIVILEGE = "42501"
 
 FULL = {"single_tx": 5_000, "batched_tx": 100_000, "read_postings_small": 10_000,
         "read_postings": 1_000_000, "reads": 2_000, "duration_s": 10.0}  # fmt: skip
@@ -84,6 +92,11 @@ QUICK = {"single_tx": 1_000, "batched_tx": 20_000, "read_postings_small": 10_000
 
 def add_arguments(parser: CommandParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes for a smoke run")
+    parser.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="measure each phase without first vacuuming and checkpointing the scratch database",
+    )
     parser.add_argument("--processes", type=int, default=4, help="hot-account processes")
     parser.add_argument("--duration-s", type=float, help="hot-account run time per process")
     parser.add_argument("--single-tx", type=int, help="transactions posted one by one")
@@ -116,10 +129,14 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         figures = _machine()
         figures["scratch_database"] = url.rsplit("/", 1)[-1]
         _setup()
+        settle = _Settle(enabled=not options.get("no_settle"))
+        settle()
         figures.update(_bench_baseline(int(sizes["single_tx"])))
+        settle()
         figures.update(_bench_single(int(sizes["single_tx"])))
+        settle()
         figures.update(_bench_batched(int(sizes["batched_tx"])))
-        figures.update(_bench_hot(processes, float(sizes["duration_s"])))
+        figures.update(_bench_hot(processes, float(sizes["duration_s"]), settle))
         figures.update(
             _bench_reads(
                 int(sizes["read_postings_small"]),
@@ -130,8 +147,10 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
                     if options.get("backdated_s") is None
                     else options["backdated_s"]
                 ),
+                settle,
             )
         )
+        figures.update(settle.report())
         with connection.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM ledger_posting")
             figures["postings_total"] = int(cursor.fetchone()[0])
@@ -184,6 +203,61 @@ def _setup() -> None:
     )
     for code in codes:
         account_open(code=code, kind="asset")
+
+
+class _Settle:
+    """Bring the scratch database to rest before a measured phase.
+
+    A phase is not charged for what the one before it left behind. The batched phase
+    writes enough WAL to request a checkpoint, and leaves autovacuum work; both then
+    land inside whichever phase follows, at a moment that differs from run to run.
+    Measured here on one afternoon: the hot-account phase made 1,830 and 2,262 transfers/s
+    in two full runs, and 2,692 and 3,337 run alone on the same server; during a full
+    run pg_stat_bgwriter counted a requested checkpoint about every 30 s.
+
+    So, as pgbench vacuums its tables before a run: VACUUM (ANALYZE) leaves autovacuum
+    nothing to start during the phase, and CHECKPOINT (immediate, it returns when done)
+    restarts both the WAL-volume and the time trigger of the next checkpoint, which no
+    phase then reaches (each writes far less than max_wal_size, in less than
+    checkpoint_timeout). Every phase and its baseline are settled alike. CHECKPOINT
+    needs a superuser or pg_checkpoint; without either, phases run unsettled and the
+    JSON says so (`phases_settled`).
+    """
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.checkpointed = enabled
+        self.seconds = 0.0
+        self.count = 0
+
+    def __call__(self) -> None:
+        if not self.enabled:
+            return
+        started = time.perf_counter()
+        with connection.cursor() as cursor:
+            cursor.execute("VACUUM (ANALYZE)")
+            if self.checkpointed:
+                try:
+                    cursor.execute("CHECKPOINT")
+                except DatabaseError as error:
+                    if sqlstate_of(error) != INSUFFICIENT_PRIVILEGE:
+                        raise
+                    self.checkpointed = False
+        self.seconds += time.perf_counter() - started
+        self.count += 1
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "phases_settled": self.enabled and self.checkpointed,
+            "settle_count": self.count,
+            "settle_s": round(self.seconds, 1),
+            "settle_method": "before each measured phase and its baseline: VACUUM (ANALYZE) "
+            "of the scratch database, then CHECKPOINT, so that no phase pays for the "
+            "autovacuum or the checkpoint the previous one left behind (as pgbench "
+            "vacuums before a run); off with --no-settle"
+            if self.enabled
+            else "off (--no-settle): each phase runs on what the previous one left",
+        }
 
 
 def _bench_baseline(count: int) -> dict[str, Any]:
@@ -511,9 +585,11 @@ def _pair(rng: random.Random, prefix: str, size: int) -> tuple[str, str]:
 # --- hot accounts: several processes through the same few accounts -----------------
 
 
-def _bench_hot(processes: int, duration_s: float) -> dict[str, Any]:
+def _bench_hot(processes: int, duration_s: float, settle: _Settle) -> dict[str, Any]:
     """Plain psycopg on the hot accounts, then the ledger: the same load, one after the other."""
+    settle()
     plain = _run_hot(processes, duration_s, plain=True)
+    settle()
     ledger = _run_hot(processes, duration_s, plain=False)
     return {
         "hot_account_tx_per_s": round(ledger["committed"] / ledger["elapsed_s"]),
@@ -641,7 +717,9 @@ def _hot_worker(
 # --- balance reads: now and as of a past instant, at two history sizes ----------------
 
 
-def _bench_reads(small: int, large: int, reads: int, backdated_s: float) -> dict[str, Any]:
+def _bench_reads(
+    small: int, large: int, reads: int, backdated_s: float, settle: _Settle
+) -> dict[str, Any]:
     from ledger.models import Account, Asset
 
     account_id = Account.objects.get(code="bench:read").pk
@@ -649,8 +727,10 @@ def _bench_reads(small: int, large: int, reads: int, backdated_s: float) -> dict
     rng = random.Random(3)
     figures: dict[str, Any] = {}
     build_s = _build_read_history(rng, 0, small, backdated_s)
+    settle()
     figures.update(_measure_reads(rng, account_id, asset_id, reads, "10k"))
     build_s += _build_read_history(rng, small, large, backdated_s)
+    settle()
     figures.update(_measure_reads(rng, account_id, asset_id, reads, "1m"))
     figures["balance_read_p99_ms"] = figures["balance_read_p99_ms_1m"]
     figures["pit_balance_p99_ms"] = figures["pit_balance_p99_ms_1m"]

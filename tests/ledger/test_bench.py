@@ -28,7 +28,9 @@ LATENCIES_MS = [
      "hot_account_latency_ms_p99"]  # fmt: skip
 METHODS = ["post_method", "post_batched_method", "hot_account_method", "read_method",
            "baseline_method", "baseline_copy_method", "baseline_psycopg_method",
-           "baseline_psycopg_hot_method"]  # fmt: skip
+           "baseline_psycopg_hot_method", "settle_method"]  # fmt: skip
+# commit baseline, single, batched, hot on plain psycopg, hot on the ledger, reads at two sizes
+PHASES = 7
 
 
 @pytest.mark.slow
@@ -65,6 +67,9 @@ def test_bench_ledger_reports_every_figure(
     assert figures["baseline_psycopg_consistent"] is True
     assert figures["baseline_psycopg_hot_errors"] == 0
     assert figures["pit_checked"] == bench.PIT_CHECKS
+    # The test server lets its superuser checkpoint: every phase started settled.
+    assert figures["phases_settled"] is True
+    assert figures["settle_count"] == PHASES
     assert isinstance(figures["cpu_count"], int)
     assert isinstance(figures["postgres_version"], str)
     # single + batched + hot + read entries, two legs each
