@@ -9,16 +9,17 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import BadRequest, PermissionDenied
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.urls import URLPattern, path, reverse
+from django.utils import timezone
 from django.utils.dateparse import parse_datetime
-from django.utils.html import format_html
+from django.utils.http import urlencode
 
 from ledger import services
 from ledger.models import Account, Asset, Balance, Period, Posting, Transaction
@@ -108,12 +109,18 @@ class TransactionAdmin(ReadOnlyAdmin):
         return [journal, *super().get_urls()]
 
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
+        """The list, with a button exporting the journal of the effective times it shows."""
+        since, until = _filtered_effective_range(request)
+        bounds = {
+            name: value.isoformat()
+            for name, value in (("since", since), ("until", until))
+            if value is not None
+        }
+        url = reverse("admin:ledger_journal_export")
         extra_context = {
             **(extra_context or {}),
-            "title": format_html(
-                'Transactions — <a href="{}">export the journal (CSV)</a>',
-                reverse("admin:ledger_journal_export"),
-            ),
+            "journal_export_url": f"{url}?{urlencode(bounds)}" if bounds else url,
+            "journal_export_range": _range_label(since, until),
         }
         return super().changelist_view(request, extra_context)
 
@@ -153,12 +160,61 @@ def _csv_lines(rows: Iterator[tuple[object, ...]]) -> Iterator[str]:
 
 
 def _parse_time(value: str | None) -> datetime | None:
+    """Return the ISO time `value` (in the current time zone if it names none), or None."""
     if not value:
         return None
-    parsed = parse_datetime(value)
+    try:
+        parsed = parse_datetime(value)
+    except ValueError:  # well formed, out of range: 2026-13-01
+        parsed = None
     if parsed is None:
-        raise PermissionDenied(f"not an ISO time: {value!r}")
-    return parsed
+        raise BadRequest(f"not an ISO time: {value!r}")
+    return parsed if timezone.is_aware(parsed) else timezone.make_aware(parsed)
+
+
+def _filtered_effective_range(request: HttpRequest) -> tuple[datetime | None, datetime | None]:
+    """Return the effective-time range the change list is filtered to: [since, until).
+
+    From the "By effective at" filter (effective_at__gte/__lt) or the date hierarchy
+    (effective_at__year/__month/__day, in the current time zone, as the list reads it).
+    A value the list itself would reject bounds nothing here.
+    """
+    params = request.GET
+    since = _parse_time_or_none(params.get("effective_at__gte"))
+    until = _parse_time_or_none(params.get("effective_at__lt"))
+    try:
+        year = int(params["effective_at__year"])
+        month = int(params.get("effective_at__month", 0))
+        day = int(params.get("effective_at__day", 0))
+        start = datetime(year, month or 1, day or 1, tzinfo=timezone.get_current_timezone())
+    except (KeyError, ValueError, OverflowError):
+        return since, until
+    if day:
+        end = start + timedelta(days=1)
+    elif month:
+        end = start.replace(year=year + month // 12, month=month % 12 + 1)
+    else:
+        end = start.replace(year=year + 1)
+    return max(filter(None, (since, start))), min(filter(None, (until, end)))
+
+
+def _parse_time_or_none(value: str | None) -> datetime | None:
+    try:
+        return _parse_time(value)
+    except BadRequest:
+        return None
+
+
+def _range_label(since: datetime | None, until: datetime | None) -> str:
+    """Return the export's bounds as a person reads them, or "" for the whole journal."""
+    local = timezone.localtime
+    if since and until:
+        return f"effective {local(since):%Y-%m-%d %H:%M} to {local(until):%Y-%m-%d %H:%M}"
+    if since:
+        return f"effective from {local(since):%Y-%m-%d %H:%M}"
+    if until:
+        return f"effective before {local(until):%Y-%m-%d %H:%M}"
+    return ""
 
 
 @admin.register(Balance)

@@ -1,8 +1,11 @@
 """The books in the admin: read-only pages, the journal export, closing a period."""
 
 import csv
+import html
 import io
+import re
 from datetime import UTC, datetime
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from django.contrib.auth.models import Permission, User
@@ -84,6 +87,61 @@ def test_journal_export_filters_by_effective_time(client, books):
         {"since": "2026-10-01T00:00:00Z", "until": "2026-11-01T00:00:00Z"},
     )
     assert b"".join(response.streaming_content).decode().count("\n") == 1  # header only
+
+
+def _export_link(page) -> str:
+    """Return the href of the change list's "Export the journal" button."""
+    match = re.search(rb'<a href="([^"]*)" class="viewlink">Export the journal', page.content)
+    assert match, page.content.decode()[:2000]
+    return html.unescape(match.group(1).decode())
+
+
+def test_transaction_list_has_the_journal_export_button(client, books):
+    client.force_login(_staff("view_transaction"))
+    page = client.get("/admin/ledger/transaction/")
+    assert page.status_code == 200
+    assert _export_link(page) == "/admin/ledger/transaction/journal.csv"
+    assert b"<title>Select transaction to view | Tokenledger finance</title>" in page.content
+    assert b'<a href="/admin/">Tokenledger finance</a>' in page.content
+
+
+def test_journal_export_button_follows_the_month_in_view(client, books):
+    services.transaction_post(
+        idempotency_key="credit:acme:2",
+        description="credit purchased in October",
+        effective_at=datetime(2026, 10, 1, tzinfo=UTC),
+        legs=[Leg("platform:cash", "USD", 500), Leg("enterprise:acme:credit", "USD", -500)],
+    )
+    client.force_login(_staff("view_transaction"))
+    page = client.get(
+        "/admin/ledger/transaction/", {"effective_at__year": "2026", "effective_at__month": "9"}
+    )
+    link = _export_link(page)
+    assert parse_qs(urlsplit(link).query) == {
+        "since": ["2026-09-01T00:00:00+00:00"],
+        "until": ["2026-10-01T00:00:00+00:00"],
+    }
+    assert b"Export the journal (CSV), effective 2026-09-01 00:00 to 2026-10-01 00:00" in (
+        page.content
+    )
+    rows = list(csv.reader(io.StringIO(b"".join(client.get(link).streaming_content).decode())))
+    assert {r[1] for r in rows[1:]} == {"credit:acme:1"}  # September's only, both legs
+    assert len(rows) == 3
+
+    december = _export_link(
+        client.get(
+            "/admin/ledger/transaction/",
+            {"effective_at__year": "2026", "effective_at__month": "12"},
+        )
+    )
+    assert parse_qs(urlsplit(december).query)["until"] == ["2027-01-01T00:00:00+00:00"]
+
+
+def test_journal_export_refuses_a_time_it_cannot_read(client, books):
+    client.force_login(_staff("view_transaction"))
+    for bad in ("yesterday", "2026-13-01T00:00:00Z"):
+        response = client.get("/admin/ledger/transaction/journal.csv", {"since": bad})
+        assert response.status_code == 400, bad
 
 
 def test_journal_export_refused_without_view_permission(client, books):
