@@ -47,6 +47,10 @@ class ReadOnlyInline(admin.TabularInline):  # type: ignore[type-arg]
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        # Both inlines (balances, postings) show account and asset, formatted by its scale.
+        return super().get_queryset(request).select_related("account", "asset")
+
 
 @admin.register(Asset)
 class AssetAdmin(ReadOnlyAdmin):

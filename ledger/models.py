@@ -241,7 +241,7 @@ class Posting(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.account_id} {self.asset_id} {self.amount:+d}"
+        return f"posting {self.pk}"
 
     def is_debit(self) -> bool:
         return bool(self.amount > 0)
@@ -267,7 +267,8 @@ class Balance(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.account_id}/{self.asset_id}: {self.amount}"
+        # Read with select_related (the admin's inline and list do): account and asset codes.
+        return f"{self.account.code} in {self.asset.code}"
 
 
 class PeriodStatus(models.TextChoices):
