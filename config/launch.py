@@ -67,6 +67,7 @@ def run() -> int:
     try:
         _manage(env, "migrate", "--no-input")
         _manage(env, "demo_load")
+        _manage(env, "collectstatic", "--no-input", "--verbosity", "0")  # served by WhiteNoise
         commands = {
             "web": [
                 PYTHON,

@@ -223,10 +223,15 @@ def _range_label(since: datetime | None, until: datetime | None) -> str:
 
 @admin.register(Balance)
 class BalanceAdmin(ReadOnlyAdmin):
-    list_display = ["account", "asset", "amount", "posting_count", "updated_at"]
+    list_display = ["account", "asset", "balance", "posting_count", "updated_at"]
     list_filter = ["asset"]
     search_fields = ["account__code"]
     list_select_related = ["account", "asset"]
+
+    @admin.display(description="balance (debit +, credit -)", ordering="amount")
+    def balance(self, obj: Balance) -> str:
+        """The amount in the asset's units (USD to its accrual scale), not its smallest unit."""
+        return format_amount(obj.amount, obj.asset.scale)
 
 
 @admin.register(Period)

@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import django.contrib.admin
 import pytest
 from django.db import connection
+from django.test import Client
 
 from config.celery import app as celery_app
 
@@ -54,9 +56,21 @@ def test_check_deploy_is_clean_in_production_settings():
 
 
 @pytest.mark.django_db
+def test_admin_static_files_are_served_by_the_web_process():
+    # WhiteNoise, from what collectstatic gathered (the session fixture, `make run`):
+    # gunicorn has no other static server in front of it.
+    response = Client().get("/static/admin/css/base.css")
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/css")
+    admin_css = Path(django.contrib.admin.__file__).parent / "static/admin/css/base.css"
+    assert b"".join(response.streaming_content) == admin_css.read_bytes()
+    assert Client().get("/static/admin/css/no-such-file.css").status_code == 404
+
+
+@pytest.mark.django_db
 def test_healthz_reports_database_and_broker_ok(client):
     response = client.get("/healthz")
-    assert response.status_code == 200
+    assert response.status_code == 200, response.content
     assert response.json() == {"status": "ok", "database": "ok", "broker": "ok"}
 
 

@@ -50,6 +50,14 @@ def test_account_page_shows_balances_read_only(client, books):
     assert b'name="_save"' not in page.content
 
 
+def test_balance_list_shows_amounts_in_the_assets_units(client, books):
+    client.force_login(_staff("view_balance"))
+    page = client.get("/admin/ledger/balance/")
+    assert page.status_code == 200
+    cells = re.findall(rb'<td class="field-balance">([^<]*)</td>', page.content)
+    assert sorted(cells) == [b"-123.45", b"123.45"]
+
+
 def test_transaction_page_shows_postings_inline(client, books):
     client.force_login(_staff("view_transaction", "view_posting"))
     page = client.get(f"/admin/ledger/transaction/{books.transaction_id}/change/")
