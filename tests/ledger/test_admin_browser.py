@@ -22,6 +22,7 @@ from django.core.management import call_command
 from django.db import connections
 from playwright.sync_api import expect
 
+from config.management.commands.demo_load import DEMO_USER
 from ledger.models import Posting
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -73,14 +74,19 @@ def demo_books(transactional_db: None) -> None:
     call_command("demo_load", stdout=open(os.devnull, "w"))  # noqa: SIM115
 
 
+def _log_in(page: Any, live_server: Any, *, password: str) -> None:
+    """Fill the admin's login form as the demo's finance user, and send it."""
+    page.goto(f"{live_server.url}/admin/")
+    page.get_by_label("Username").fill(DEMO_USER)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Log in").click()
+
+
 def test_finance_clerk_logs_in_reads_the_books_and_exports_the_journal(
     demo_books: None, live_server: Any, browser_page: Any, tmp_path: Path
 ) -> None:
     page = browser_page
-    page.goto(f"{live_server.url}/admin/")
-    page.get_by_label("Username").fill("demo-finance")
-    page.get_by_label("Password").fill("demo-finance")
-    page.get_by_role("button", name="Log in").click()
+    _log_in(page, live_server, password=DEMO_USER)  # the demo password is the user name
     expect(page.locator("#site-name")).to_have_text("Tokenledger finance")
 
     page.get_by_role("link", name="Accounts").first.click()
@@ -132,10 +138,7 @@ def test_wrong_password_is_refused_with_the_admins_message(
     demo_books: None, live_server: Any, browser_page: Any
 ) -> None:
     page = browser_page
-    page.goto(f"{live_server.url}/admin/")
-    page.get_by_label("Username").fill("demo-finance")
-    page.get_by_label("Password").fill("not-the-password")
-    page.get_by_role("button", name="Log in").click()
+    _log_in(page, live_server, password="not-the-password")
     expect(page.locator(".errornote")).to_contain_text(
         "Please enter the correct username and password for a staff account"
     )
