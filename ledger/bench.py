@@ -211,7 +211,7 @@ class _Settle:
     A phase is not charged for what the one before it left behind. The batched phase
     writes enough WAL to request a checkpoint, and leaves autovacuum work; both then
     land inside whichever phase follows, at a moment that differs from run to run.
-    Measured here on one afternoon: the hot-account phase made 1,830 and 2,262 transfers/s
+    Measured here within one hour: the hot-account phase made 1,830 and 2,262 transfers/s
     in two full runs, and 2,692 and 3,337 run alone on the same server; during a full
     run pg_stat_bgwriter counted a requested checkpoint about every 30 s.
 
