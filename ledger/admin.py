@@ -40,6 +40,8 @@ class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 class ReadOnlyInline(admin.TabularInline):  # type: ignore[type-arg]
     extra = 0
     can_delete = False
+    # Relations every row shows, read with it (a query per row otherwise).
+    related: tuple[str, ...] = ()
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -48,8 +50,8 @@ class ReadOnlyInline(admin.TabularInline):  # type: ignore[type-arg]
         return False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
-        # Both inlines (balances, postings) show account and asset, formatted by its scale.
-        return super().get_queryset(request).select_related("account", "asset")
+        rows = super().get_queryset(request)
+        return rows.select_related(*self.related) if self.related else rows  # () would mean all
 
 
 @admin.register(Asset)
@@ -60,6 +62,7 @@ class AssetAdmin(ReadOnlyAdmin):
 
 class BalanceInline(ReadOnlyInline):
     model = Balance
+    related = ("account", "asset")
     fields = ("asset", "amount_display", "posting_count", "updated_at")
     readonly_fields = fields
 
@@ -78,6 +81,7 @@ class AccountAdmin(ReadOnlyAdmin):
 
 class PostingInline(ReadOnlyInline):
     model = Posting
+    related = ("account", "asset")
     fields = ("account", "asset", "debit", "credit", "balance_after", "recorded_at")
     readonly_fields = fields
 
@@ -113,7 +117,7 @@ class TransactionAdmin(ReadOnlyAdmin):
         return [journal, *super().get_urls()]
 
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
-        """The list, with a button exporting the journal of the effective times it shows."""
+        """Show the list, with a button exporting the journal of the effective times in view."""
         since, until = _filtered_effective_range(request)
         bounds = {
             name: value.isoformat()
@@ -191,14 +195,14 @@ def _filtered_effective_range(request: HttpRequest) -> tuple[datetime | None, da
         month = int(params.get("effective_at__month", 0))
         day = int(params.get("effective_at__day", 0))
         start = datetime(year, month or 1, day or 1, tzinfo=timezone.get_current_timezone())
-    except (KeyError, ValueError, OverflowError):
+        if day:
+            end = start + timedelta(days=1)
+        elif month:
+            end = start.replace(year=year + month // 12, month=month % 12 + 1)
+        else:
+            end = start.replace(year=year + 1)
+    except (KeyError, ValueError, OverflowError):  # no hierarchy, or none a date can end
         return since, until
-    if day:
-        end = start + timedelta(days=1)
-    elif month:
-        end = start.replace(year=year + month // 12, month=month % 12 + 1)
-    else:
-        end = start.replace(year=year + 1)
     return max(filter(None, (since, start))), min(filter(None, (until, end)))
 
 
@@ -211,13 +215,17 @@ def _parse_time_or_none(value: str | None) -> datetime | None:
 
 def _range_label(since: datetime | None, until: datetime | None) -> str:
     """Return the export's bounds as a person reads them, or "" for the whole journal."""
-    local = timezone.localtime
+
+    def local(at: datetime) -> str:
+        return f"{timezone.localtime(at):%Y-%m-%d %H:%M}"
+
+    zone = timezone.get_current_timezone_name()
     if since and until:
-        return f"effective {local(since):%Y-%m-%d %H:%M} to {local(until):%Y-%m-%d %H:%M}"
+        return f"effective from {local(since)} to before {local(until)} ({zone})"
     if since:
-        return f"effective from {local(since):%Y-%m-%d %H:%M}"
+        return f"effective from {local(since)} ({zone})"
     if until:
-        return f"effective before {local(until):%Y-%m-%d %H:%M}"
+        return f"effective before {local(until)} ({zone})"
     return ""
 
 

@@ -29,10 +29,11 @@ What runs, in a scratch database created, migrated and dropped around the run
   between the account's first effective time and now; latency per call, measured
   around the selector (Django and the driver included).
 
-Each measured phase starts on a settled server (`_settle`: VACUUM (ANALYZE), then
+Each measured phase starts on a settled server (`_Settle`: VACUUM (ANALYZE), then
 CHECKPOINT), as pgbench vacuums its tables before a run: a phase is not charged for the
-autovacuum and the checkpoint that the phase before it left behind. `--no-settle` runs
-without it, to compare.
+autovacuum and the checkpoint that the phases before it left behind. `--no-settle` runs
+without it, to compare; either way `checkpoints_during_phases` counts the checkpoints
+that fell inside each phase.
 
 Afterwards, the figures are checked: balances equal the sum of postings, and a few
 point-in-time balances equal the sum of postings effective by then; so are the plain
@@ -83,6 +84,7 @@ PIT_CHECKS = 5
 WORKER_START_TIMEOUT_S = 120
 AMOUNT_MAX = 1_000_000
 INSUFFICIENT_PRIVILEGE = "42501"
+CHECKPOINT_COUNT_WAIT_S = 2.0
 
 FULL = {"single_tx": 5_000, "batched_tx": 100_000, "read_postings_small": 10_000,
         "read_postings": 1_000_000, "reads": 2_000, "duration_s": 10.0}  # fmt: skip
@@ -130,12 +132,12 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         figures["scratch_database"] = url.rsplit("/", 1)[-1]
         _setup()
         settle = _Settle(enabled=not options.get("no_settle"))
-        settle()
-        figures.update(_bench_baseline(int(sizes["single_tx"])))
-        settle()
-        figures.update(_bench_single(int(sizes["single_tx"])))
-        settle()
-        figures.update(_bench_batched(int(sizes["batched_tx"])))
+        with settle.phase("baseline_commit"):
+            figures.update(_bench_baseline(int(sizes["single_tx"])))
+        with settle.phase("single"):
+            figures.update(_bench_single(int(sizes["single_tx"])))
+        with settle.phase("batched"):
+            figures.update(_bench_batched(int(sizes["batched_tx"])))
         figures.update(_bench_hot(processes, float(sizes["duration_s"]), settle))
         figures.update(
             _bench_reads(
@@ -206,22 +208,27 @@ def _setup() -> None:
 
 
 class _Settle:
-    """Bring the scratch database to rest before a measured phase.
+    """Bring the scratch database to rest before each measured phase; count checkpoints in it.
 
-    A phase is not charged for what the one before it left behind. The batched phase
-    writes enough WAL to request a checkpoint, and leaves autovacuum work; both then
-    land inside whichever phase follows, at a moment that differs from run to run.
-    Measured here within one hour: the hot-account phase made 1,830 and 2,262 transfers/s
-    in two full runs, and 2,692 and 3,337 run alone on the same server; during a full
-    run pg_stat_bgwriter counted a requested checkpoint about every 30 s.
+    A phase is not charged for what the ones before it left behind. The phases together
+    write enough WAL to request a checkpoint about every 30 s of a run (pg_stat_bgwriter,
+    sampled), and leave autovacuum work; both then land inside whichever phase comes
+    next, at a moment that differs from run to run. Measured here within one hour: the
+    hot-account phase made 1,830 and 2,262 transfers/s in two unsettled full runs, and
+    2,692 and 3,337 run alone on the same server.
 
-    So, as pgbench vacuums its tables before a run: VACUUM (ANALYZE) leaves autovacuum
-    nothing to start during the phase, and CHECKPOINT (immediate, it returns when done)
-    restarts both the WAL-volume and the time trigger of the next checkpoint, which no
-    phase then reaches (each writes far less than max_wal_size, in less than
-    checkpoint_timeout). Every phase and its baseline are settled alike. CHECKPOINT
-    needs a superuser or pg_checkpoint; without either, phases run unsettled and the
-    JSON says so (`phases_settled`).
+    So, as pgbench vacuums its tables before a run: VACUUM (ANALYZE) clears what the
+    earlier phases left for autovacuum, and CHECKPOINT (immediate: it returns when done)
+    restarts both triggers of the next checkpoint, the WAL volume and checkpoint_timeout,
+    which a phase of seconds then rarely reaches. What a phase itself causes (the hot
+    phase's dead balance versions, its own WAL) it still pays for: the figures are those
+    of a phase started on a quiet server, not of a sustained load that also pays for its
+    checkpoints. Every phase and its baseline are settled alike; `checkpoints_during`
+    counts the checkpoints that still fell inside each phase, settled or not.
+
+    CHECKPOINT is server-wide: run the bench on a server of its own, as here. It needs a
+    superuser or pg_checkpoint; without either, phases are only vacuumed and the JSON
+    says so (`phases_checkpointed`).
     """
 
     def __init__(self, *, enabled: bool) -> None:
@@ -229,35 +236,83 @@ class _Settle:
         self.checkpointed = enabled
         self.seconds = 0.0
         self.count = 0
+        self.checkpoints_during: dict[str, int] = {}
 
-    def __call__(self) -> None:
-        if not self.enabled:
-            return
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Settle the server (unless disabled), run the phase, count its checkpoints."""
+        if self.enabled:
+            self._settle()
+        before = _checkpoints_so_far()
+        yield
+        self.checkpoints_during[name] = _checkpoints_so_far() - before
+
+    def _settle(self) -> None:
         started = time.perf_counter()
         with connection.cursor() as cursor:
             cursor.execute("VACUUM (ANALYZE)")
             if self.checkpointed:
+                counted = _checkpoints_so_far()
                 try:
                     cursor.execute("CHECKPOINT")
                 except DatabaseError as error:
                     if sqlstate_of(error) != INSUFFICIENT_PRIVILEGE:
                         raise
                     self.checkpointed = False
+                else:
+                    _await_checkpoint_counted(counted)
         self.seconds += time.perf_counter() - started
         self.count += 1
 
     def report(self) -> dict[str, Any]:
+        if not self.enabled:
+            method = "off (--no-settle): each phase runs on what the previous ones left"
+        else:
+            ran = (
+                "VACUUM (ANALYZE) then CHECKPOINT"
+                if self.checkpointed
+                else (
+                    "VACUUM (ANALYZE) only: CHECKPOINT was refused (needs a superuser or "
+                    "pg_checkpoint)"
+                )
+            )
+            method = (
+                f"before each measured phase and its baseline: {ran}, so that no phase "
+                "pays for the autovacuum or the checkpoint the previous ones left behind "
+                "(as pgbench vacuums before a run); off with --no-settle"
+            )
         return {
-            "phases_settled": self.enabled and self.checkpointed,
+            "phases_settled": self.enabled,
+            "phases_checkpointed": self.enabled and self.checkpointed,
             "settle_count": self.count,
             "settle_s": round(self.seconds, 1),
-            "settle_method": "before each measured phase and its baseline: VACUUM (ANALYZE) "
-            "of the scratch database, then CHECKPOINT, so that no phase pays for the "
-            "autovacuum or the checkpoint the previous one left behind (as pgbench "
-            "vacuums before a run); off with --no-settle"
-            if self.enabled
-            else "off (--no-settle): each phase runs on what the previous one left",
+            "settle_method": method,
+            "checkpoints_during_phases": dict(self.checkpoints_during),
         }
+
+
+def _await_checkpoint_counted(before: int) -> None:
+    """Wait until the checkpointer has counted our CHECKPOINT, so no phase counts it.
+
+    CHECKPOINT returns when the checkpoint is done; the checkpointer reports it to the
+    statistics a moment later. Bounded: after CHECKPOINT_COUNT_WAIT_S it is left to
+    count where it lands.
+    """
+    deadline = time.monotonic() + CHECKPOINT_COUNT_WAIT_S
+    while _checkpoints_so_far() <= before and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _checkpoints_so_far() -> int:
+    """Checkpoints the server has started, timed or requested (17 moved the counters)."""
+    view = (
+        "SELECT num_timed + num_requested FROM pg_stat_checkpointer"
+        if connection.pg_version >= 170000  # type: ignore[attr-defined]
+        else "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(view)
+        return int(cursor.fetchone()[0])
 
 
 def _bench_baseline(count: int) -> dict[str, Any]:
@@ -587,10 +642,10 @@ def _pair(rng: random.Random, prefix: str, size: int) -> tuple[str, str]:
 
 def _bench_hot(processes: int, duration_s: float, settle: _Settle) -> dict[str, Any]:
     """Plain psycopg on the hot accounts, then the ledger: the same load, one after the other."""
-    settle()
-    plain = _run_hot(processes, duration_s, plain=True)
-    settle()
-    ledger = _run_hot(processes, duration_s, plain=False)
+    with settle.phase("hot_baseline_psycopg"):
+        plain = _run_hot(processes, duration_s, plain=True)
+    with settle.phase("hot"):
+        ledger = _run_hot(processes, duration_s, plain=False)
     return {
         "hot_account_tx_per_s": round(ledger["committed"] / ledger["elapsed_s"]),
         "hot_account_errors": ledger["errors"],
@@ -727,11 +782,11 @@ def _bench_reads(
     rng = random.Random(3)
     figures: dict[str, Any] = {}
     build_s = _build_read_history(rng, 0, small, backdated_s)
-    settle()
-    figures.update(_measure_reads(rng, account_id, asset_id, reads, "10k"))
+    with settle.phase("reads_10k"):
+        figures.update(_measure_reads(rng, account_id, asset_id, reads, "10k"))
     build_s += _build_read_history(rng, small, large, backdated_s)
-    settle()
-    figures.update(_measure_reads(rng, account_id, asset_id, reads, "1m"))
+    with settle.phase("reads_1m"):
+        figures.update(_measure_reads(rng, account_id, asset_id, reads, "1m"))
     figures["balance_read_p99_ms"] = figures["balance_read_p99_ms_1m"]
     figures["pit_balance_p99_ms"] = figures["pit_balance_p99_ms_1m"]
     figures["read_postings_10k"] = small

@@ -267,7 +267,7 @@ class Balance(models.Model):
         ]
 
     def __str__(self) -> str:
-        # Read with select_related (the admin's inline and list do): account and asset codes.
+        # Two queries unless read with select_related("account", "asset"), as the admin does.
         return f"{self.account.code} in {self.asset.code}"
 
 

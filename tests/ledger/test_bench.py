@@ -7,10 +7,12 @@ itself asserts correctness (balances equal postings, point-in-time checks).
 import os
 from typing import Any
 
+import psycopg
 import pytest
 from django.conf import settings
 from django.db import connection
 
+from config.scratch import _admin_conninfo
 from ledger import bench
 
 SMALL = {"single_tx": 20, "batched_tx": 1_500, "read_postings_small": 50,
@@ -29,8 +31,8 @@ LATENCIES_MS = [
 METHODS = ["post_method", "post_batched_method", "hot_account_method", "read_method",
            "baseline_method", "baseline_copy_method", "baseline_psycopg_method",
            "baseline_psycopg_hot_method", "settle_method"]  # fmt: skip
-# commit baseline, single, batched, hot on plain psycopg, hot on the ledger, reads at two sizes
-PHASES = 7
+PHASES = {"baseline_commit", "single", "batched", "hot_baseline_psycopg", "hot", "reads_10k",
+          "reads_1m"}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -67,10 +69,61 @@ def test_bench_ledger_reports_every_figure(
     assert figures["baseline_psycopg_consistent"] is True
     assert figures["baseline_psycopg_hot_errors"] == 0
     assert figures["pit_checked"] == bench.PIT_CHECKS
-    # The test server lets its superuser checkpoint: every phase started settled.
     assert figures["phases_settled"] is True
-    assert figures["settle_count"] == PHASES
+    assert figures["phases_checkpointed"] is _may_checkpoint()
+    assert figures["settle_count"] == len(PHASES)
+    assert set(figures["checkpoints_during_phases"]) == PHASES
+    assert all(n >= 0 for n in figures["checkpoints_during_phases"].values())
     assert isinstance(figures["cpu_count"], int)
     assert isinstance(figures["postgres_version"], str)
     # single + batched + hot + read entries, two legs each
     assert figures["postings_total"] == 2 * (20 + 1_500 + figures["hot_account_tx_count"] + 300)
+
+
+def _may_checkpoint() -> bool:
+    """Whether the bench's role may run CHECKPOINT (superuser, or pg_checkpoint)."""
+    with psycopg.connect(_admin_conninfo()) as server:
+        row = server.execute(
+            "SELECT r.rolsuper OR EXISTS (SELECT 1 FROM pg_roles c WHERE c.rolname = "
+            "'pg_checkpoint' AND pg_has_role(current_user, c.oid, 'MEMBER')) "
+            "FROM pg_roles r WHERE r.rolname = current_user"
+        ).fetchone()
+    assert row is not None
+    return bool(row[0])
+
+
+@pytest.mark.django_db(transaction=True)  # VACUUM cannot run inside a transaction block
+def test_settle_without_the_right_to_checkpoint_only_vacuums() -> None:
+    role = f"tl_bench_no_checkpoint_{os.getpid()}"
+    with connection.cursor() as cursor:
+        cursor.execute(f'CREATE ROLE "{role}" NOLOGIN')
+        cursor.execute(f'SET ROLE "{role}"')
+    try:
+        settle = bench._Settle(enabled=True)
+        with settle.phase("first"):
+            pass
+        with settle.phase("second"):
+            pass
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET ROLE")
+            cursor.execute(f'DROP ROLE "{role}"')
+    report = settle.report()
+    assert report["phases_settled"] is True
+    assert report["phases_checkpointed"] is False
+    assert report["settle_count"] == 2
+    assert "CHECKPOINT was refused" in report["settle_method"]
+    assert set(report["checkpoints_during_phases"]) == {"first", "second"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_settle_off_settles_nothing_and_still_counts_checkpoints() -> None:
+    settle = bench._Settle(enabled=False)
+    with settle.phase("quiet"):
+        pass
+    report = settle.report()
+    assert report["phases_settled"] is False
+    assert report["phases_checkpointed"] is False
+    assert report["settle_count"] == 0
+    assert report["settle_method"].startswith("off (--no-settle)")
+    assert report["checkpoints_during_phases"] == {"quiet": 0}
