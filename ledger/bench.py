@@ -32,8 +32,8 @@ What runs, in a scratch database created, migrated and dropped around the run
 Each measured phase starts on a settled server (`_Settle`: VACUUM (ANALYZE), then
 CHECKPOINT), as pgbench vacuums its tables before a run: a phase is not charged for the
 autovacuum and the checkpoint that the phases before it left behind. `--no-settle` runs
-without it, to compare; either way `checkpoints_during_phases` counts the checkpoints
-that fell inside each phase.
+without it, to compare; either way `checkpointer_during_phases` says how many
+checkpoints started, and how many buffers the checkpointer wrote, while each phase ran.
 
 Afterwards, the figures are checked: balances equal the sum of postings, and a few
 point-in-time balances equal the sum of postings effective by then; so are the plain
@@ -223,8 +223,9 @@ class _Settle:
     which a phase of seconds then rarely reaches. What a phase itself causes (the hot
     phase's dead balance versions, its own WAL) it still pays for: the figures are those
     of a phase started on a quiet server, not of a sustained load that also pays for its
-    checkpoints. Every phase and its baseline are settled alike; `checkpoints_during`
-    counts the checkpoints that still fell inside each phase, settled or not.
+    checkpoints. Every phase and its baseline are settled alike; `checkpointer_during`
+    records, settled or not, the checkpoints started and the buffers the checkpointer
+    wrote while each phase ran (a checkpoint begun before a phase writes during it).
 
     CHECKPOINT is server-wide: run the bench on a server of its own, as here. It needs a
     superuser or pg_checkpoint; without either, phases are only vacuumed and the JSON
@@ -236,23 +237,27 @@ class _Settle:
         self.checkpointed = enabled
         self.seconds = 0.0
         self.count = 0
-        self.checkpoints_during: dict[str, int] = {}
+        self.checkpointer_during: dict[str, dict[str, int]] = {}
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Settle the server (unless disabled), run the phase, count its checkpoints."""
         if self.enabled:
             self._settle()
-        before = _checkpoints_so_far()
+        checkpoints, buffers = _checkpointer_so_far()
         yield
-        self.checkpoints_during[name] = _checkpoints_so_far() - before
+        checkpoints_after, buffers_after = _checkpointer_so_far()
+        self.checkpointer_during[name] = {
+            "checkpoints": checkpoints_after - checkpoints,
+            "buffers_written": buffers_after - buffers,
+        }
 
     def _settle(self) -> None:
         started = time.perf_counter()
         with connection.cursor() as cursor:
             cursor.execute("VACUUM (ANALYZE)")
             if self.checkpointed:
-                counted = _checkpoints_so_far()
+                counted, _ = _checkpointer_so_far()
                 try:
                     cursor.execute("CHECKPOINT")
                 except DatabaseError as error:
@@ -287,7 +292,7 @@ class _Settle:
             "settle_count": self.count,
             "settle_s": round(self.seconds, 1),
             "settle_method": method,
-            "checkpoints_during_phases": dict(self.checkpoints_during),
+            "checkpointer_during_phases": dict(self.checkpointer_during),
         }
 
 
@@ -299,20 +304,25 @@ def _await_checkpoint_counted(before: int) -> None:
     count where it lands.
     """
     deadline = time.monotonic() + CHECKPOINT_COUNT_WAIT_S
-    while _checkpoints_so_far() <= before and time.monotonic() < deadline:
+    while _checkpointer_so_far()[0] <= before and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
-def _checkpoints_so_far() -> int:
-    """Checkpoints the server has started, timed or requested (17 moved the counters)."""
+def _checkpointer_so_far() -> tuple[int, int]:
+    """Checkpoints started (timed or requested) and buffers written by the checkpointer.
+
+    The checkpointer reports its buffers as it writes them, so a phase sees the writes
+    of a checkpoint that began before it. PostgreSQL 17 moved the counters.
+    """
     view = (
-        "SELECT num_timed + num_requested FROM pg_stat_checkpointer"
+        "SELECT num_timed + num_requested, buffers_written FROM pg_stat_checkpointer"
         if connection.pg_version >= 170000  # type: ignore[attr-defined]
-        else "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
+        else "SELECT checkpoints_timed + checkpoints_req, buffers_checkpoint FROM pg_stat_bgwriter"
     )
     with connection.cursor() as cursor:
         cursor.execute(view)
-        return int(cursor.fetchone()[0])
+        checkpoints, buffers = cursor.fetchone()
+    return int(checkpoints), int(buffers)
 
 
 def _bench_baseline(count: int) -> dict[str, Any]:
