@@ -30,8 +30,8 @@ What runs, in a scratch database created, migrated and dropped around the run
   around the selector (Django and the driver included).
 
 Each measured phase starts on a settled server (`_Settle`: VACUUM (ANALYZE), then
-CHECKPOINT), as pgbench vacuums its tables before a run: a phase is not charged for the
-autovacuum and the checkpoint that the phases before it left behind. `--no-settle` runs
+CHECKPOINT), as pgbench vacuums its tables before a run: a phase is not charged for
+autovacuum or checkpoint writes that the phases before it caused. `--no-settle` runs
 without it, to compare; either way `checkpointer_during_phases` says how many
 checkpoints started, and how many buffers the checkpointer wrote, while each phase ran.
 
@@ -208,28 +208,26 @@ def _setup() -> None:
 
 
 class _Settle:
-    """Bring the scratch database to rest before each measured phase; count checkpoints in it.
+    """Bring the scratch database to rest before each measured phase; watch the checkpointer.
 
-    A phase is not charged for what the ones before it left behind. The phases together
-    write enough WAL to request a checkpoint about every 30 s of a run (pg_stat_bgwriter,
-    sampled), and leave autovacuum work; both then land inside whichever phase comes
-    next, at a moment that differs from run to run. Measured here within one hour: the
-    hot-account phase made 1,830 and 2,262 transfers/s in two unsettled full runs, and
-    2,692 and 3,337 run alone on the same server.
+    A phase should not pay for what the phases before it caused: during a full run
+    pg_stat_bgwriter counted a requested checkpoint every half minute or so (sampled),
+    and the batched phase leaves autovacuum work. So, as pgbench vacuums its tables before a run, VACUUM
+    (ANALYZE) clears what autovacuum would otherwise start, and CHECKPOINT (immediate:
+    it returns when done) finishes any checkpoint under way and restarts both triggers
+    of the next one, the WAL volume and checkpoint_timeout. What a phase causes itself
+    (the hot phase's dead balance versions, its own WAL) it still pays for: the figures
+    are those of a phase started on a quiet server, not of a sustained load that also
+    pays for its checkpoints.
 
-    So, as pgbench vacuums its tables before a run: VACUUM (ANALYZE) clears what the
-    earlier phases left for autovacuum, and CHECKPOINT (immediate: it returns when done)
-    restarts both triggers of the next checkpoint, the WAL volume and checkpoint_timeout,
-    which a phase of seconds then rarely reaches. What a phase itself causes (the hot
-    phase's dead balance versions, its own WAL) it still pays for: the figures are those
-    of a phase started on a quiet server, not of a sustained load that also pays for its
-    checkpoints. Every phase and its baseline are settled alike; `checkpointer_during`
-    records, settled or not, the checkpoints started and the buffers the checkpointer
-    wrote while each phase ran (a checkpoint begun before a phase writes during it).
+    Whether it matters is measured, not assumed: `checkpointer_during` records, settled
+    or not, the checkpoints started and the buffers the checkpointer wrote while each
+    phase ran. In the runs that recorded it (this machine, PostgreSQL 15) nothing fell
+    inside a measured phase either way, so the spread between runs was the machine's.
 
-    CHECKPOINT is server-wide: run the bench on a server of its own, as here. It needs a
-    superuser or pg_checkpoint; without either, phases are only vacuumed and the JSON
-    says so (`phases_checkpointed`).
+    CHECKPOINT is server-wide: run the bench on a server of its own. It needs a superuser
+    or pg_checkpoint; without either, phases are only vacuumed and the JSON says so
+    (`phases_checkpointed`).
     """
 
     def __init__(self, *, enabled: bool) -> None:
