@@ -212,13 +212,13 @@ class _Settle:
 
     A phase should not pay for what the phases before it caused: during a full run
     pg_stat_bgwriter counted a requested checkpoint every half minute or so (sampled),
-    and the batched phase leaves autovacuum work. So, as pgbench vacuums its tables before a run, VACUUM
-    (ANALYZE) clears what autovacuum would otherwise start, and CHECKPOINT (immediate:
-    it returns when done) finishes any checkpoint under way and restarts both triggers
-    of the next one, the WAL volume and checkpoint_timeout. What a phase causes itself
-    (the hot phase's dead balance versions, its own WAL) it still pays for: the figures
-    are those of a phase started on a quiet server, not of a sustained load that also
-    pays for its checkpoints.
+    and the batched phase leaves autovacuum work. So, as pgbench vacuums its tables
+    before a run, VACUUM (ANALYZE) clears what autovacuum would otherwise start, and
+    CHECKPOINT (immediate: it returns when done) finishes any checkpoint under way and
+    restarts both triggers of the next one, the WAL volume and checkpoint_timeout. What a
+    phase causes itself (the hot phase's dead balance versions, its own WAL) it still
+    pays for: the figures are those of a phase started on a quiet server, not of a
+    sustained load that also pays for its checkpoints.
 
     Whether it matters is measured, not assumed: `checkpointer_during` records, settled
     or not, the checkpoints started and the buffers the checkpointer wrote while each
