@@ -807,7 +807,9 @@ def _bench_reads(
         f"{BACKDATED_FRACTION:.0%} back-dated up to {backdated_s:g} s); at {small} and at "
         f"{large} postings: {reads} balance_get calls (current) and {reads} balance_as_of "
         f"calls at uniform random instants over the account's history, 1 process, latency "
-        f"per call around the selector; read_build_tx_per_s is the batched rate at that "
+        f"per call around the selector; baseline_select1_*: a SELECT 1 through a Django "
+        f"cursor right after each current-balance read, the machine's floor at those "
+        f"moments; read_build_tx_per_s is the batched rate at that "
         f"table size (a single hot account in every entry)"
     )
     return figures
@@ -859,10 +861,16 @@ def _measure_reads(
     span_s = (last - first).total_seconds()
     instants = [first + timedelta(seconds=rng.uniform(0, span_s)) for _ in range(reads)]
     current_ms: list[float] = []
-    for _ in range(reads):
-        started = time.perf_counter()
-        balance_get(account_id=account_id, asset_id=asset_id)
-        current_ms.append((time.perf_counter() - started) * 1_000)
+    floor_ms: list[float] = []  # the same round trip with no ledger in it, at the same moments
+    with connection.cursor() as floor:
+        for _ in range(reads):
+            started = time.perf_counter()
+            balance_get(account_id=account_id, asset_id=asset_id)
+            current_ms.append((time.perf_counter() - started) * 1_000)
+            started = time.perf_counter()
+            floor.execute("SELECT 1")
+            floor.fetchone()
+            floor_ms.append((time.perf_counter() - started) * 1_000)
     pit_ms: list[float] = []
     for at in instants:
         started = time.perf_counter()
@@ -870,7 +878,10 @@ def _measure_reads(
         pit_ms.append((time.perf_counter() - started) * 1_000)
     current_ms.sort()
     pit_ms.sort()
+    floor_ms.sort()
     return {
+        f"baseline_select1_p50_ms_{label}": _percentile(floor_ms, 50),
+        f"baseline_select1_p99_ms_{label}": _percentile(floor_ms, 99),
         f"balance_read_p50_ms_{label}": _percentile(current_ms, 50),
         f"balance_read_p99_ms_{label}": _percentile(current_ms, 99),
         f"pit_balance_p50_ms_{label}": _percentile(pit_ms, 50),

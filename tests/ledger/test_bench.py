@@ -23,7 +23,7 @@ RATES = ["post_tx_per_s", "post_tx_per_s_batched", "hot_account_tx_per_s", "read
          "baseline_psycopg_hot_tx_per_s"]  # fmt: skip
 LATENCIES_MS = [
     f"{kind}_{p}_ms{size}"
-    for kind in ("balance_read", "pit_balance")
+    for kind in ("balance_read", "pit_balance", "baseline_select1")
     for p in ("p50", "p99")
     for size in ("_10k", "_1m")
 ] + ["balance_read_p99_ms", "pit_balance_p99_ms", "hot_account_latency_ms_p50",
