@@ -146,6 +146,23 @@ def test_journal_export_button_follows_the_month_in_view(client, books):
     assert parse_qs(urlsplit(december).query)["until"] == ["2027-01-01T00:00:00+00:00"]
 
 
+def test_journal_export_button_follows_the_list_filter_within_the_hierarchy(client, books):
+    client.force_login(_staff("view_transaction"))
+    page = client.get(
+        "/admin/ledger/transaction/",
+        {
+            "effective_at__gte": "2026-09-10 00:00:00+00:00",  # "By effective at"
+            "effective_at__lt": "2026-11-01 00:00:00+00:00",
+            "effective_at__year": "2026",  # the hierarchy narrows it to September
+            "effective_at__month": "9",
+        },
+    )
+    assert parse_qs(urlsplit(_export_link(page)).query) == {
+        "since": ["2026-09-10T00:00:00+00:00"],
+        "until": ["2026-10-01T00:00:00+00:00"],
+    }
+
+
 def test_journal_export_refuses_a_time_it_cannot_read(client, books):
     client.force_login(_staff("view_transaction"))
     for bad in ("yesterday", "2026-13-01T00:00:00Z"):
